@@ -120,7 +120,7 @@ class GroupSpec:
     def blocks(self, head: int) -> list[tuple[int, int]]:
         """Blocks of KV head ``head`` as ``(first_layer, last_layer_exclusive)`` pairs."""
         starts = [layer for layer in range(self.num_layers) if self.is_anchor(layer, head)]
-        return list(zip(starts, starts[1:] + [self.num_layers]))
+        return list(zip(starts, starts[1:] + [self.num_layers], strict=True))
 
     @property
     def per_layer(self) -> bool:

@@ -171,7 +171,7 @@ def pod_sdpa_attention(
     One boolean mask then selects, per query, the right copy — an exact joint softmax at the cost
     of ``chunk`` extra keys instead of doubling the key length.
     """
-    t, s = q.shape[2], k_own.shape[2]
+    t = q.shape[2]
     if k_dist is k_own and info.trivially_causal:
         return _sdpa_gqa_causal(q, k_own, v, scaling).transpose(1, 2)
     outs = []
