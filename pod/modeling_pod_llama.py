@@ -133,7 +133,7 @@ def pod_eager_attention(
     allowed, proximal = pod_masks(info, n_sink, n_recent, 0, t, 0, s)
     scores = torch.where(proximal[:, None], scores_own, scores_dist)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     return (probs @ _repeat_kv(v, groups)).transpose(1, 2)
 
 
@@ -283,6 +283,13 @@ def _take_heads(x: torch.Tensor, heads: list[int], index: torch.Tensor) -> torch
     return x.index_select(1, index)
 
 
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied if it is a view into a larger buffer (so the cache never pins dropped data)."""
+    if x.untyped_storage().nbytes() == x.numel() * x.element_size():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class PodCacheLayer(CacheLayerMixin):
     """One layer's PoD cache.
 
@@ -329,9 +336,11 @@ class PodCacheLayer(CacheLayerMixin):
         """
         self.is_initialized = True
         past = self.get_seq_length()
-        self.values = value_new if self.values is None else torch.cat([self.values, value_new], dim=2)
+        self.values = _compact(value_new) if self.values is None else torch.cat([self.values, value_new], dim=2)
         if full_new is not None:
-            self.full_keys = full_new if self.full_keys is None else torch.cat([self.full_keys, full_new], dim=2)
+            self.full_keys = (
+                _compact(full_new) if self.full_keys is None else torch.cat([self.full_keys, full_new], dim=2)
+            )
         if own_new is None:
             return self.values, self.full_keys, None, None, 0
         if self.window_keys is None:
@@ -340,15 +349,15 @@ class PodCacheLayer(CacheLayerMixin):
             tail, tail_start = torch.cat([self.window_keys, own_new], dim=2), self.window_start
         sink = self.sink_keys
         total = past + own_new.shape[2]
-        # Store: sinks first, then the last n_recent slots. Slices are cloned so the dropped keys
-        # are really freed (a view would keep the whole prefill alive).
+        # Store: sinks first, then the last n_recent slots. Slices are compacted so that the dropped
+        # keys are really freed (a view would keep the whole prefill alive).
         n_sink_have = 0 if sink is None else sink.shape[2]
         if n_sink_have < sink_slots and tail_start == n_sink_have:
             take = min(sink_slots - n_sink_have, tail.shape[2])
             head = tail[:, :, :take]
-            self.sink_keys = head.clone() if sink is None else torch.cat([sink, head], dim=2)
+            self.sink_keys = _compact(head) if sink is None else torch.cat([sink, head], dim=2)
         kept_from = max(self.sink_keys.shape[2] if self.sink_keys is not None else 0, total - n_recent)
-        self.window_keys = tail[:, :, kept_from - tail_start :].clone()
+        self.window_keys = _compact(tail[:, :, kept_from - tail_start :])
         self.window_start = kept_from
         return self.values, self.full_keys, sink, tail, tail_start
 
