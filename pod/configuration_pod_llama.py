@@ -46,9 +46,13 @@ class PodLlamaConfig(LlamaConfig):
         if self.n_sink < 0:
             raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
         if self.n_recent < 1:
-            raise ValueError(f"n_recent must be >= 1 (the window holds at least the token itself), got {self.n_recent}")
+            raise ValueError(
+                f"n_recent must be >= 1 (the window holds at least the token itself), got {self.n_recent}"
+            )
         if self.shared_key_init not in SHARED_KEY_INITS:
-            raise ValueError(f"shared_key_init must be one of {SHARED_KEY_INITS}, got {self.shared_key_init!r}")
+            raise ValueError(
+                f"shared_key_init must be one of {SHARED_KEY_INITS}, got {self.shared_key_init!r}"
+            )
         if self.pod_attn_implementation not in POD_ATTENTION_PATHS:
             raise ValueError(
                 f"pod_attn_implementation must be one of {POD_ATTENTION_PATHS}, got {self.pod_attn_implementation!r}"
@@ -56,7 +60,10 @@ class PodLlamaConfig(LlamaConfig):
         if self.pod_chunk_size < 1:
             raise ValueError(f"pod_chunk_size must be >= 1, got {self.pod_chunk_size}")
         if self.anchors is None:
-            self.anchors = [list(row) for row in GroupSpec.identity(self.num_hidden_layers, self.num_key_value_heads).anchors]
+            self.anchors = [
+                list(row)
+                for row in GroupSpec.identity(self.num_hidden_layers, self.num_key_value_heads).anchors
+            ]
         spec = GroupSpec(tuple(tuple(row) for row in self.anchors))
         spec.check_model(self.num_hidden_layers, self.num_key_value_heads)
         self.anchors = [list(row) for row in spec.anchors]

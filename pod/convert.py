@@ -77,7 +77,9 @@ def convert_llama(
     if n_sink < 0:
         raise ConversionError(f"n_sink must be >= 0, got {n_sink}")
     if n_recent < 1:
-        raise ConversionError(f"n_recent must be >= 1 (the window holds at least the token itself), got {n_recent}")
+        raise ConversionError(
+            f"n_recent must be >= 1 (the window holds at least the token itself), got {n_recent}"
+        )
     if shared_key_init not in SHARED_KEY_INITS:
         raise ConversionError(f"shared_key_init must be one of {SHARED_KEY_INITS}, got {shared_key_init!r}")
 
@@ -115,7 +117,9 @@ def convert_llama(
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if ".shared_k_proj." not in k]
     if missing or unexpected:
-        raise ConversionError(f"weights do not match a Llama: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConversionError(
+            f"weights do not match a Llama: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if shared_key_init == "mean":
         _init_mean_shared_keys(model, spec)
     # Buffers made on the meta device (rotary frequencies) are rebuilt on the weights' device.
@@ -138,7 +142,9 @@ def _init_mean_shared_keys(model: PodLlamaForCausalLM, spec: GroupSpec) -> None:
         if not attn.anchor_heads:
             continue
         ref = attn.k_proj.weight
-        weight = torch.empty(len(attn.anchor_heads) * head_dim, ref.shape[1], dtype=ref.dtype, device=ref.device)
+        weight = torch.empty(
+            len(attn.anchor_heads) * head_dim, ref.shape[1], dtype=ref.dtype, device=ref.device
+        )
         bias = None
         if attn.k_proj.bias is not None:
             bias = torch.empty(weight.shape[0], dtype=ref.dtype, device=ref.device)
@@ -146,9 +152,13 @@ def _init_mean_shared_keys(model: PodLlamaForCausalLM, spec: GroupSpec) -> None:
             block = next((a, b) for a, b in spec.blocks(head) if a == layer_idx)
             rows = slice(head * head_dim, (head + 1) * head_dim)
             out = slice(slot * head_dim, (slot + 1) * head_dim)
-            weight[out] = torch.stack([layers[m].self_attn.k_proj.weight[rows] for m in range(*block)]).mean(0)
+            weight[out] = torch.stack([layers[m].self_attn.k_proj.weight[rows] for m in range(*block)]).mean(
+                0
+            )
             if bias is not None:
-                bias[out] = torch.stack([layers[m].self_attn.k_proj.bias[rows] for m in range(*block)]).mean(0)
+                bias[out] = torch.stack([layers[m].self_attn.k_proj.bias[rows] for m in range(*block)]).mean(
+                    0
+                )
         attn.shared_k_proj.weight = torch.nn.Parameter(weight)
         if bias is not None:
             attn.shared_k_proj.bias = torch.nn.Parameter(bias)

@@ -78,9 +78,7 @@ class GroupSpec:
         )
 
     @classmethod
-    def from_block_starts(
-        cls, starts_per_head: Sequence[Sequence[int]], num_layers: int
-    ) -> GroupSpec:
+    def from_block_starts(cls, starts_per_head: Sequence[Sequence[int]], num_layers: int) -> GroupSpec:
         """Build from the first layer of every block, one list per KV head (each must start at 0)."""
         columns = []
         for head, starts in enumerate(starts_per_head):

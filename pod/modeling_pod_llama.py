@@ -262,7 +262,9 @@ def pod_flex_attention(
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         fn = _compiled_flex
-    out = fn(q, keys, values, block_mask=info.cache[key], scale=scaling, enable_gqa=q.shape[1] != k_own.shape[1])
+    out = fn(
+        q, keys, values, block_mask=info.cache[key], scale=scaling, enable_gqa=q.shape[1] != k_own.shape[1]
+    )
     return out.transpose(1, 2)
 
 
@@ -336,7 +338,9 @@ class PodCacheLayer(CacheLayerMixin):
         """
         self.is_initialized = True
         past = self.get_seq_length()
-        self.values = _compact(value_new) if self.values is None else torch.cat([self.values, value_new], dim=2)
+        self.values = (
+            _compact(value_new) if self.values is None else torch.cat([self.values, value_new], dim=2)
+        )
         if full_new is not None:
             self.full_keys = (
                 _compact(full_new) if self.full_keys is None else torch.cat([self.full_keys, full_new], dim=2)
@@ -394,7 +398,9 @@ class PodCacheLayer(CacheLayerMixin):
         self.window_start = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for name in self._tensors() if (t := getattr(self, name)) is not None)
+        return sum(
+            t.numel() * t.element_size() for name in self._tensors() if (t := getattr(self, name)) is not None
+        )
 
 
 class PodCache(Cache):
@@ -517,11 +523,15 @@ class PodLlamaAttention(nn.Module):
                 shared = self.shared_k_proj(hidden_states).view(shape).transpose(1, 2)
                 full_new = apply_rotary_pos_emb(shared, shared, cos, sin)[1]
             else:
-                full_new = k if self.plain else _take_heads(k, self.anchor_heads, self._index("anchor", k.device))
+                full_new = (
+                    k if self.plain else _take_heads(k, self.anchor_heads, self._index("anchor", k.device))
+                )
 
         if past_key_values is not None:
             if not info.pod_enabled:
-                raise RuntimeError("pod_disabled() computes the dense model and cannot use a PodCache: pass use_cache=False")
+                raise RuntimeError(
+                    "pod_disabled() computes the dense model and cannot use a PodCache: pass use_cache=False"
+                )
             own_new = _take_heads(k, self.own_heads, self._index("own", k.device)) if self.own_heads else None
             v, full, sink, tail, tail_start = past_key_values.layers[self.layer_idx].append(
                 own_new, v, full_new, past_key_values.sink_slots, past_key_values.n_recent
@@ -702,7 +712,9 @@ class PodLlamaModel(PodLlamaPreTrainedModel):
         k_doc = (k_pos == 0).long().cumsum(1)
         if not bool((k_doc != k_doc[:, -1:]).any()):
             k_doc = None
-        return PodMaskInfo(q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, k_doc=k_doc, pod_enabled=self.pod_enabled)
+        return PodMaskInfo(
+            q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, k_doc=k_doc, pod_enabled=self.pod_enabled
+        )
 
 
 class PodLlamaForCausalLM(PodLlamaPreTrainedModel, GenerationMixin):
@@ -760,7 +772,9 @@ class PodLlamaForCausalLM(PodLlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 

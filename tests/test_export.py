@@ -50,11 +50,17 @@ def test_export_loads_in_a_fresh_process_without_pod(tmp_path):
     assert config["anchors"] == [list(r) for r in MIXED.anchors]
 
     prompt = list(range(5, 25))
-    want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    want = model.generate(
+        torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_POD, str(out), json.dumps(prompt)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])

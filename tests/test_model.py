@@ -60,7 +60,9 @@ def test_every_layer_its_own_anchor_is_the_source_llama(llama, ids, impl):
 
 @pytest.mark.parametrize("mode", ["anchor", "mean"])
 def test_window_covering_the_sequence_is_the_source_llama(llama, ids, mode):
-    model = pod.convert_llama(llama, pod.GroupSpec.fixed(LAYERS, KV_HEADS, 3), n_sink=4, n_recent=96, shared_key_init=mode)
+    model = pod.convert_llama(
+        llama, pod.GroupSpec.fixed(LAYERS, KV_HEADS, 3), n_sink=4, n_recent=96, shared_key_init=mode
+    )
     assert (logits(model, ids) - logits(llama, ids)).abs().max() <= 1e-5
 
 
@@ -92,7 +94,9 @@ def test_twin_layers_sharing_keys_are_the_source_llama(ids):
     twins = pod.convert_llama(llama, pod.GroupSpec.fixed(LAYERS, KV_HEADS, 2), n_sink=2, n_recent=4)
     assert (logits(twins, ids) - logits(llama, ids)).abs().max() <= 1e-5
     # Layer 3 borrowing layer 1's keys (blocks [0] [1-3] [4] [5]) changes the output.
-    straddle = pod.convert_llama(llama, pod.GroupSpec.from_block_starts([[0, 1, 4, 5]] * 2, LAYERS), n_sink=2, n_recent=4)
+    straddle = pod.convert_llama(
+        llama, pod.GroupSpec.from_block_starts([[0, 1, 4, 5]] * 2, LAYERS), n_sink=2, n_recent=4
+    )
     assert (logits(straddle, ids) - logits(llama, ids)).abs().max() > 1e-4
 
 
@@ -152,8 +156,11 @@ def test_attention_paths_match_the_definition(case):
     n_sink, n_recent = 3, 9
     want = _brute_force(q, k_own, k_dist, v, info, n_sink, n_recent)
     kw = dict(n_sink=n_sink, n_recent=n_recent, scaling=q.shape[-1] ** -0.5)
-    for fn, extra in [(pod_eager_attention, {}), (pod_sdpa_attention, {"chunk_size": 5}),
-                      (pod_sdpa_attention, {"chunk_size": 64})]:
+    for fn, extra in [
+        (pod_eager_attention, {}),
+        (pod_sdpa_attention, {"chunk_size": 5}),
+        (pod_sdpa_attention, {"chunk_size": 64}),
+    ]:
         got = fn(q, k_own, k_dist, v, info, **kw, **extra)
         assert (got - want).abs().max() < 1e-10, fn.__name__
     with torch.no_grad():
@@ -259,7 +266,9 @@ def test_sampling_and_beam_search_run_on_the_pod_cache(llama):
     model = pod.convert_llama(llama, MIXED, n_sink=3, n_recent=5)
     prompt = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
-    sampled = model.generate(prompt, do_sample=True, top_k=20, max_new_tokens=15, eos_token_id=None, pad_token_id=0)
+    sampled = model.generate(
+        prompt, do_sample=True, top_k=20, max_new_tokens=15, eos_token_id=None, pad_token_id=0
+    )
     assert sampled.shape == (2, 25)
     kw = dict(num_beams=3, do_sample=False, max_new_tokens=15, eos_token_id=None, pad_token_id=0)
     beams = model.generate(prompt, use_cache=True, **kw)
@@ -286,12 +295,16 @@ def test_conversion_copies_weights_and_mean_init(llama):
 
 def test_conversion_from_a_local_folder(llama, tmp_path, ids):
     llama.save_pretrained(tmp_path / "llama")
-    model = pod.convert_llama(tmp_path / "llama", pod.GroupSpec.identity(LAYERS, KV_HEADS), n_sink=2, n_recent=4)
+    model = pod.convert_llama(
+        tmp_path / "llama", pod.GroupSpec.identity(LAYERS, KV_HEADS), n_sink=2, n_recent=4
+    )
     assert (logits(model, ids) - logits(llama, ids)).abs().max() <= 1e-5
     spec_file = tmp_path / "groups.json"
     MIXED.save(spec_file, strategy="test")
     assert pod.GroupSpec.load(spec_file) == MIXED
-    assert pod.convert_llama(llama, spec_file, n_sink=2, n_recent=4).config.anchors == [list(r) for r in MIXED.anchors]
+    assert pod.convert_llama(llama, spec_file, n_sink=2, n_recent=4).config.anchors == [
+        list(r) for r in MIXED.anchors
+    ]
 
 
 @pytest.mark.parametrize(
@@ -316,8 +329,14 @@ def test_conversion_errors(llama, groups, kwargs, message):
 
 def test_conversion_rejects_non_llama_models_and_missing_paths(tmp_path):
     mistral = MistralForCausalLM(
-        MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1)
+        MistralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     )
     with pytest.raises(pod.ConversionError, match="mistral"):
         pod.convert_llama(mistral, pod.GroupSpec.identity(2, 1), n_sink=1, n_recent=2)
