@@ -10,6 +10,7 @@ from .groups import GroupSpec
 
 SHARED_KEY_INITS = ("anchor", "mean")
 POD_ATTENTION_PATHS = ("sdpa", "eager", "flex")
+DISTANT_POLICIES = ("shared", "shared_kv", "drop")
 
 
 @strict
@@ -30,6 +31,10 @@ class PodLlamaConfig(LlamaConfig):
         pod_attn_implementation: ``"sdpa"`` (default, CPU and GPU), ``"eager"`` (readable reference)
             or ``"flex"`` (FlexAttention with block-sparse masks, for CUDA).
         pod_chunk_size: queries per chunk in the SDPA path (bounds the mask and score memory).
+        distant_policy: ``"shared"`` (PoD: distant keys from the anchor, own values); the
+            baselines that run on the same machinery: ``"shared_kv"`` (CLA-style: distant keys
+            *and* values from the anchor) and ``"drop"`` (StreamingLLM-style: distant tokens are
+            neither attended nor cached).
     """
 
     model_type = "pod_llama"
@@ -40,6 +45,7 @@ class PodLlamaConfig(LlamaConfig):
     shared_key_init: str = "anchor"
     pod_attn_implementation: str = "sdpa"
     pod_chunk_size: int = 1024
+    distant_policy: str = "shared"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -56,6 +62,12 @@ class PodLlamaConfig(LlamaConfig):
         if self.pod_attn_implementation not in POD_ATTENTION_PATHS:
             raise ValueError(
                 f"pod_attn_implementation must be one of {POD_ATTENTION_PATHS}, got {self.pod_attn_implementation!r}"
+            )
+        if self.distant_policy not in DISTANT_POLICIES:
+            raise ValueError(f"distant_policy must be one of {DISTANT_POLICIES}, got {self.distant_policy!r}")
+        if self.distant_policy == "shared_kv" and self.shared_key_init != "anchor":
+            raise ValueError(
+                "distant_policy='shared_kv' shares the anchor's own keys and values: use shared_key_init='anchor'"
             )
         if self.pod_chunk_size < 1:
             raise ValueError(f"pod_chunk_size must be >= 1, got {self.pod_chunk_size}")

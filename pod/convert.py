@@ -58,6 +58,7 @@ def convert_llama(
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     chunk_size: int | None = None,
+    distant_policy: str = "shared",
 ) -> PodLlamaForCausalLM:
     """Turn a Llama into a :class:`PodLlamaForCausalLM` with the same weights.
 
@@ -70,6 +71,8 @@ def convert_llama(
         dtype: dtype of the result (default: the source's).
         attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flex"``.
         chunk_size: query chunk of the SDPA path (default: the config's).
+        distant_policy: ``"shared"`` (PoD) or a baseline on the same machinery: ``"shared_kv"``
+            (CLA-style, distant values shared too) or ``"drop"`` (StreamingLLM-style).
 
     Raises:
         ConversionError: not a Llama, a group spec that does not fit, or invalid PoD settings.
@@ -105,10 +108,16 @@ def convert_llama(
         anchors=[list(row) for row in spec.anchors],
         shared_key_init=shared_key_init,
         pod_attn_implementation=attn_implementation,
+        distant_policy=distant_policy,
     )
     if chunk_size is not None:
         fields["pod_chunk_size"] = chunk_size
-    config = PodLlamaConfig(**{k: v for k, v in fields.items() if k in PodLlamaConfig.__dataclass_fields__})
+    try:
+        config = PodLlamaConfig(
+            **{k: v for k, v in fields.items() if k in PodLlamaConfig.__dataclass_fields__}
+        )
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
 
     source_dtype = next(source.parameters()).dtype
     with torch.device("meta"):

@@ -220,7 +220,8 @@ def kv_cache_bytes(config: Any, seq_len: int, batch_size: int = 1, dtype: Any = 
     ``config`` is a :class:`PodLlamaConfig` (or any object with the same fields); a plain Llama
     config gives the dense cache. Values are kept for every position; own keys for sink and
     recent-window positions; distant keys once per anchor (layer, KV head). In ``mean`` mode each
-    anchor keeps its shared keys for every position, besides its own proximal keys.
+    anchor keeps its shared keys for every position, besides its own proximal keys. The baselines
+    of ``distant_policy`` (``shared_kv``, ``drop``) are counted the same way.
     ``dtype`` defaults to the config's ``dtype`` (float32 when unset).
     """
     import torch
@@ -238,12 +239,16 @@ def kv_cache_bytes(config: Any, seq_len: int, batch_size: int = 1, dtype: Any = 
     if anchors is None:
         elements = 2 * num_layers * num_kv_heads * n
     else:
-        spec = GroupSpec(tuple(tuple(row) for row in anchors))
+        b = GroupSpec(tuple(tuple(row) for row in anchors)).num_anchors
         n_d = n_distant(n, config.n_sink, config.n_recent)
-        values = num_layers * num_kv_heads * n
-        if config.shared_key_init == "mean":
-            keys = num_layers * num_kv_heads * (n - n_d) + spec.num_anchors * n
-        else:
-            keys = num_layers * num_kv_heads * (n - n_d) + spec.num_anchors * n_d
-        elements = values + keys
+        proximal = num_layers * num_kv_heads * (n - n_d)  # own entries of sink + window slots
+        policy = getattr(config, "distant_policy", "shared")
+        if policy == "drop":  # StreamingLLM-style: keys and values of proximal slots only
+            elements = 2 * proximal
+        elif policy == "shared_kv":  # CLA-style: distant keys and values once per anchor
+            elements = 2 * (proximal + b * n_d)
+        elif config.shared_key_init == "mean":  # shared keys of every slot per anchor, besides own keys
+            elements = num_layers * num_kv_heads * n + proximal + b * n
+        else:  # PoD: all values, own proximal keys, distant keys once per anchor
+            elements = num_layers * num_kv_heads * n + proximal + b * n_d
     return elements * head_dim * batch_size * itemsize

@@ -99,11 +99,13 @@ def pod_masks(
 # ------------------------------------------------------------------------------------- attention
 #
 # Every path computes, for each query i and key slot j, the logit q·K_own[j] where j is proximal
-# and q·K_dist[j] where j is distant, then one softmax. Inputs:
-#   q [B, Hq, T, d]; k_own, k_dist, v [B, H, S, d] (k_dist is k_own for a layer that anchors every
-#   head, i.e. a plain Llama layer). Output: [B, T, Hq, d].
-# k_own may hold anything at slots that are distant for all T queries (the cache no longer has
-# those keys); no path reads it there.
+# and q·K_dist[j] where j is distant, then one softmax over all j, and the output with V_own[j]
+# (proximal) or V_dist[j] (distant). Inputs:
+#   q [B, Hq, T, d]; k_own, k_dist, v, v_dist [B, H, S, d].
+#   k_dist is k_own for a layer that anchors every head (a plain Llama layer); k_dist None drops
+#   distant tokens (the StreamingLLM baseline); v_dist None means values are not shared (PoD).
+# Output: [B, T, Hq, d]. k_own / v may hold anything at slots that are distant for all T queries
+# (the cache no longer has them there); no path reads them there.
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -116,25 +118,35 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def pod_eager_attention(
     q: torch.Tensor,
     k_own: torch.Tensor,
-    k_dist: torch.Tensor,
+    k_dist: torch.Tensor | None,
     v: torch.Tensor,
     info: PodMaskInfo,
     *,
     n_sink: int,
     n_recent: int,
     scaling: float,
+    v_dist: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """The readable reference: both score matrices, pick per (query, key), one softmax."""
     groups = q.shape[1] // k_own.shape[1]
     t, s = q.shape[2], k_own.shape[2]
-    scores_own = q @ _repeat_kv(k_own, groups).transpose(-1, -2) * scaling
-    scores_dist = q @ _repeat_kv(k_dist, groups).transpose(-1, -2) * scaling
     allowed, proximal = pod_masks(info, n_sink, n_recent, 0, t, 0, s)
-    scores = torch.where(proximal[:, None], scores_own, scores_dist)
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    proximal = proximal[:, None]
+    scores = q @ _repeat_kv(k_own, groups).transpose(-1, -2) * scaling
+    if k_dist is None:
+        allowed = allowed[:, None] & proximal
+    else:
+        allowed = allowed[:, None]
+        scores_dist = q @ _repeat_kv(k_dist, groups).transpose(-1, -2) * scaling
+        scores = torch.where(proximal, scores, scores_dist)
+    scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
-    return (probs @ _repeat_kv(v, groups)).transpose(1, 2)
+    if v_dist is None:
+        out = probs @ _repeat_kv(v, groups)
+    else:
+        out = (probs * proximal) @ _repeat_kv(v, groups) + (probs * ~proximal) @ _repeat_kv(v_dist, groups)
+    return out.transpose(1, 2)
 
 
 def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float):
@@ -150,16 +162,24 @@ def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.reshape(b, hq, t, d)
 
 
+def _sdpa_gqa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, _repeat_kv(k, groups), _repeat_kv(v, groups), is_causal=True, scale=scaling
+    )
+
+
 def pod_sdpa_attention(
     q: torch.Tensor,
     k_own: torch.Tensor,
-    k_dist: torch.Tensor,
+    k_dist: torch.Tensor | None,
     v: torch.Tensor,
     info: PodMaskInfo,
     *,
     n_sink: int,
     n_recent: int,
     scaling: float,
+    v_dist: torch.Tensor | None = None,
     chunk_size: int = 1024,
     **_: object,
 ) -> torch.Tensor:
@@ -172,38 +192,36 @@ def pod_sdpa_attention(
     of ``chunk`` extra keys instead of doubling the key length.
     """
     t = q.shape[2]
-    if k_dist is k_own and info.trivially_causal:
+    plain = k_dist is k_own and v_dist is None
+    if plain and info.trivially_causal:
         return _sdpa_gqa_causal(q, k_own, v, scaling).transpose(1, 2)
     outs = []
     for c0 in range(0, t, chunk_size):
         c1 = min(t, c0 + chunk_size)
         kv_end = info.offset + c1  # causal: no key after the chunk's last query
         allowed, proximal = pod_masks(info, n_sink, n_recent, c0, c1, 0, kv_end)
-        if k_dist is k_own:
-            keys, values, mask = k_own[:, :, :kv_end], v[:, :, :kv_end], allowed
+        keys, values = k_own[:, :, :kv_end], v[:, :, :kv_end]
+        if plain:
+            mask = allowed
+        elif k_dist is None:
+            mask = allowed & proximal
         else:
             lo = max(0, info.offset + c0 - n_recent + 1)  # slots >= lo are proximal for some query
             hi = max(lo, info.offset + c1 - n_recent)  # slots < hi are distant for some query
-            sink = info.k_pos[:, :kv_end] < n_sink
-            use_own = sink | (torch.arange(kv_end, device=q.device) >= lo)[None]
-            keys = torch.where(use_own[:, None, :, None], k_own[:, :, :kv_end], k_dist[:, :, :kv_end])
+            use_own = (info.k_pos[:, :kv_end] < n_sink) | (torch.arange(kv_end, device=q.device) >= lo)[None]
+            select = use_own[:, None, :, None]
+            keys = torch.where(select, keys, k_dist[:, :, :kv_end])
+            v_far = v if v_dist is None else v_dist
+            if v_dist is not None:
+                values = torch.where(select, values, v_dist[:, :, :kv_end])
             mask = allowed & (proximal == use_own[:, None, :])
-            values = v[:, :, :kv_end]
             if hi > lo:
                 keys = torch.cat([keys, k_dist[:, :, lo:hi]], dim=2)
-                values = torch.cat([values, v[:, :, lo:hi]], dim=2)
-                band_ok = allowed[:, :, lo:hi] & ~proximal[:, :, lo:hi]
-                mask = torch.cat([mask, band_ok], dim=2)
+                values = torch.cat([values, v_far[:, :, lo:hi]], dim=2)
+                mask = torch.cat([mask, allowed[:, :, lo:hi] & ~proximal[:, :, lo:hi]], dim=2)
         outs.append(_sdpa_gqa(q[:, :, c0:c1], keys, values, mask[:, None], scaling))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2)
-
-
-def _sdpa_gqa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(
-        q, _repeat_kv(k, groups), _repeat_kv(v, groups), is_causal=True, scale=scaling
-    )
 
 
 _compiled_flex: Callable | None = None
@@ -212,13 +230,14 @@ _compiled_flex: Callable | None = None
 def pod_flex_attention(
     q: torch.Tensor,
     k_own: torch.Tensor,
-    k_dist: torch.Tensor,
+    k_dist: torch.Tensor | None,
     v: torch.Tensor,
     info: PodMaskInfo,
     *,
     n_sink: int,
     n_recent: int,
     scaling: float,
+    v_dist: torch.Tensor | None = None,
     **_: object,
 ) -> torch.Tensor:
     """FlexAttention over ``[own keys ; distant keys]`` with a block-sparse mask (for CUDA).
@@ -232,8 +251,8 @@ def pod_flex_attention(
     global _compiled_flex
     b, _, t, _ = q.shape
     s = k_own.shape[2]
-    two = k_dist is not k_own
-    key = ("flex", two, t, s)
+    mode = "plain" if (k_dist is k_own and v_dist is None) else ("drop" if k_dist is None else "two")
+    key = ("flex", mode, t, s)
     if key not in info.cache:
         offset, q_pos, k_pos = info.offset, info.q_pos, info.k_pos
         k_valid, k_doc = info.k_valid, info.k_doc
@@ -249,14 +268,16 @@ def pod_flex_attention(
                 ok = ok & (k_doc[bi, j] == k_doc[bi, q_slot])
             kp = k_pos[bi, j]
             proximal = (kp < n_sink) | (q_pos[bi, q_idx] - kp < n_recent)
-            chosen = (proximal == own) if two else own
+            chosen = {"plain": own, "drop": own & proximal, "two": proximal == own}[mode]
             return (ok & chosen) | (own & (j == q_slot))
 
         info.cache[key] = create_block_mask(
-            mask_mod, b, None, t, 2 * s if two else s, device=q.device, _compile=q.is_cuda
+            mask_mod, b, None, t, 2 * s if mode == "two" else s, device=q.device, _compile=q.is_cuda
         )
-    keys = torch.cat([k_own, k_dist], dim=2) if two else k_own
-    values = torch.cat([v, v], dim=2) if two else v
+    keys, values = k_own, v
+    if mode == "two":
+        keys = torch.cat([k_own, k_dist], dim=2)
+        values = torch.cat([v, v if v_dist is None else v_dist], dim=2)
     fn = flex_attention
     if q.is_cuda:
         if _compiled_flex is None:
@@ -293,26 +314,27 @@ def _compact(x: torch.Tensor) -> torch.Tensor:
 
 
 class PodCacheLayer(CacheLayerMixin):
-    """One layer's PoD cache.
+    """One layer's cache: named ``[batch, heads, slots, head_dim]`` tensors of two kinds.
 
-    * ``values``: every slot, all KV heads.
-    * ``full_keys``: every slot, for the heads this layer anchors (its own keys in ``anchor`` mode,
-      its shared keys in ``mean`` mode): the distant keys of its whole block.
-    * ``sink_keys`` / ``window_keys``: own keys of the other heads (all heads in ``mean`` mode), only
-      for the sink slots and the last ``n_recent`` slots. Older own keys are dropped.
+    * *full* tensors keep every slot;
+    * *proximal* tensors keep only the sink slots and the last ``n_recent`` slots: a slot's entry
+      is dropped once it leaves the window of the last query processed.
+
+    What goes where is the attention layer's choice (:class:`PodLlamaAttention`); for PoD, values
+    and the anchor heads' keys are full, the other heads' own keys proximal.
     """
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, own_heads: list[int], full_heads: list[int]):
+    def __init__(self):
         super().__init__()
-        self.own_heads = own_heads
-        self.full_heads = full_heads
-        self.full_keys: torch.Tensor | None = None
-        self.sink_keys: torch.Tensor | None = None
-        self.window_keys: torch.Tensor | None = None
-        self.window_start = 0  # slot of window_keys[..., 0, :]
+        self.full: dict[str, torch.Tensor] = {}
+        self.sink: dict[str, torch.Tensor] = {}
+        self.window: dict[str, torch.Tensor] = {}
+        self.length = 0  # slots seen
+        self.sink_len = 0  # slots held in `sink`
+        self.window_start = 0  # slot of `window[...][:, :, 0]`
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -325,63 +347,63 @@ class PodCacheLayer(CacheLayerMixin):
 
     def append(
         self,
-        own_new: torch.Tensor | None,
-        value_new: torch.Tensor,
-        full_new: torch.Tensor | None,
+        full_new: dict[str, torch.Tensor],
+        prox_new: dict[str, torch.Tensor],
+        num_new: int,
         sink_slots: int,
         n_recent: int,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
-        """Add new slots; return ``(values, full_keys, sink_keys, own_tail, tail_start)`` for attention.
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor | None, torch.Tensor]], int, int]:
+        """Add ``num_new`` slots. Returns, for the attention over all slots:
 
-        ``own_tail`` covers slots ``[tail_start, S)`` before trimming, so the new queries still see
-        the own keys of every slot in their windows. The stored window is trimmed afterwards.
+        ``full`` (every slot), ``prox[name] = (sink, tail)`` where ``sink`` covers slots
+        ``[0, sink_len)`` and ``tail`` covers ``[tail_start, S)`` — the window before trimming, so
+        the new queries still see every key of their own windows — and ``(sink_len, tail_start)``.
         """
         self.is_initialized = True
-        past = self.get_seq_length()
-        self.values = (
-            _compact(value_new) if self.values is None else torch.cat([self.values, value_new], dim=2)
-        )
-        if full_new is not None:
-            self.full_keys = (
-                _compact(full_new) if self.full_keys is None else torch.cat([self.full_keys, full_new], dim=2)
+        for name, new in full_new.items():
+            self.full[name] = (
+                _compact(new) if name not in self.full else torch.cat([self.full[name], new], dim=2)
             )
-        if own_new is None:
-            return self.values, self.full_keys, None, None, 0
-        if self.window_keys is None:
-            tail, tail_start = own_new, past
-        else:
-            tail, tail_start = torch.cat([self.window_keys, own_new], dim=2), self.window_start
-        sink = self.sink_keys
-        total = past + own_new.shape[2]
-        # Store: sinks first, then the last n_recent slots. Slices are compacted so that the dropped
-        # keys are really freed (a view would keep the whole prefill alive).
-        n_sink_have = 0 if sink is None else sink.shape[2]
-        if n_sink_have < sink_slots and tail_start == n_sink_have:
-            take = min(sink_slots - n_sink_have, tail.shape[2])
-            head = tail[:, :, :take]
-            self.sink_keys = _compact(head) if sink is None else torch.cat([sink, head], dim=2)
-        kept_from = max(self.sink_keys.shape[2] if self.sink_keys is not None else 0, total - n_recent)
-        self.window_keys = _compact(tail[:, :, kept_from - tail_start :])
-        self.window_start = kept_from
-        return self.values, self.full_keys, sink, tail, tail_start
+        total = self.length + num_new
+        sink_len, tail_start = self.sink_len, self.window_start
+        take = 0
+        if sink_len < sink_slots and tail_start == sink_len:
+            take = min(sink_slots - sink_len, total - tail_start)
+        kept_from = max(sink_len + take, total - n_recent)
+        prox = {}
+        # Slices are compacted so that dropped slots are really freed (a view would keep them).
+        for name, new in prox_new.items():
+            tail = new if name not in self.window else torch.cat([self.window[name], new], dim=2)
+            prox[name] = (self.sink.get(name), tail)
+            if take:
+                head = tail[:, :, :take]
+                self.sink[name] = (
+                    _compact(head) if name not in self.sink else torch.cat([self.sink[name], head], 2)
+                )
+            self.window[name] = _compact(tail[:, :, kept_from - tail_start :])
+        self.length, self.sink_len, self.window_start = total, sink_len + take, kept_from
+        return self.full, prox, sink_len, tail_start
+
+    def kept_slots(self) -> torch.Tensor:
+        """Slots that proximal tensors still hold: the sinks and the window."""
+        return torch.cat([torch.arange(self.sink_len), torch.arange(self.window_start, self.length)])
 
     def get_seq_length(self) -> int:
-        return 0 if self.values is None else self.values.shape[2]
+        return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        return self.length + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
-    def _tensors(self) -> list[str]:
-        return ["values", "full_keys", "sink_keys", "window_keys"]
+    def _stores(self) -> tuple[dict[str, torch.Tensor], ...]:
+        return self.full, self.sink, self.window
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for name in self._tensors():
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
+        for store in self._stores():
+            for name in store:
+                store[name] = fn(store[name])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -393,14 +415,15 @@ class PodCacheLayer(CacheLayerMixin):
         self._apply(lambda t: t[indices, ...])
 
     def reset(self) -> None:
-        for name in self._tensors():
-            setattr(self, name, None)
-        self.window_start = 0
+        for store in self._stores():
+            store.clear()
+        self.length = self.sink_len = self.window_start = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for store in self._stores() for t in store.values()]
 
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for name in self._tensors() if (t := getattr(self, name)) is not None
-        )
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class PodCache(Cache):
@@ -412,16 +435,7 @@ class PodCache(Cache):
     """
 
     def __init__(self, config: PodLlamaConfig):
-        num_heads = config.num_key_value_heads
-        layers = []
-        for layer, row in enumerate(config.anchors):
-            full = [h for h in range(num_heads) if row[h] == layer]
-            if config.shared_key_init == "mean":
-                own = list(range(num_heads))
-            else:
-                own = [h for h in range(num_heads) if row[h] != layer]
-            layers.append(PodCacheLayer(own, full))
-        super().__init__(layers=layers)
+        super().__init__(layers=[PodCacheLayer() for _ in range(config.num_hidden_layers)])
         self.n_sink = config.n_sink
         self.n_recent = config.n_recent
         self.positions: torch.Tensor | None = None  # [B, S] position ids of the cached slots
@@ -459,7 +473,14 @@ class PodCache(Cache):
 
 
 class PodLlamaAttention(nn.Module):
-    """Llama attention whose distant keys come from the block's anchor."""
+    """Llama attention whose distant keys come from the block's anchor.
+
+    Per KV head, this layer either *anchors* its block (its keys — or in ``mean`` mode its shared
+    keys — serve the whole block's distant tokens) or borrows the anchor's keys from the bank.
+    ``distant_policy`` selects the baselines that share the machinery: ``shared_kv`` also
+    borrows the anchor's distant *values* (CLA-style), ``drop`` attends no distant token at all
+    (StreamingLLM-style).
+    """
 
     def __init__(self, config: PodLlamaConfig, layer_idx: int):
         super().__init__()
@@ -475,20 +496,24 @@ class PodLlamaAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, hidden, bias=bias)
 
         row = config.anchors[layer_idx]
+        self.policy = config.distant_policy
         self.mean_mode = config.shared_key_init == "mean"
-        self.anchor_heads = [h for h in range(self.num_kv_heads) if row[h] == layer_idx]
-        other = [h for h in range(self.num_kv_heads) if row[h] != layer_idx]
-        self.own_heads = list(range(self.num_kv_heads)) if self.mean_mode else other
-        # A layer that anchors every head with its own keys is exactly a Llama layer.
-        self.plain = not self.mean_mode and not other
+        heads = list(range(self.num_kv_heads))
+        self.anchor_heads = [h for h in heads if row[h] == layer_idx]
+        self.borrow_heads = [h for h in heads if row[h] != layer_idx]
+        if self.policy == "drop":
+            self.anchor_heads, self.borrow_heads = [], []
+        # Heads whose own keys the cache keeps for proximal slots only.
+        self.own_heads = heads if (self.mean_mode or self.policy == "drop") else self.borrow_heads
+        # A layer that anchors every head with its own keys and values is exactly a Llama layer.
+        self.plain = self.policy != "drop" and not self.mean_mode and not self.borrow_heads
         if self.mean_mode and self.anchor_heads:
             self.shared_k_proj = nn.Linear(hidden, len(self.anchor_heads) * self.head_dim, bias=bias)
-        # Cached layers in anchor mode hold [own heads ; anchor heads]; merge_order puts them back.
-        order = self.own_heads + self.anchor_heads if not self.mean_mode else list(range(self.num_kv_heads))
+        order = self.own_heads + (self.anchor_heads if self.own_heads != heads else [])
         self._head_lists = {
             "anchor": self.anchor_heads,
             "own": self.own_heads,
-            "merge": [order.index(h) for h in range(self.num_kv_heads)],
+            "merge": [order.index(h) for h in heads],  # [own ; anchor] -> head order
         }
         self._index_memo: dict[tuple[str, torch.device], torch.Tensor] = {}
 
@@ -500,14 +525,44 @@ class PodLlamaAttention(nn.Module):
             self._index_memo[key] = torch.tensor(self._head_lists[name], dtype=torch.long, device=device)
         return self._index_memo[key]
 
+    def _heads(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return _take_heads(x, self._head_lists[name], self._index(name, x.device))
+
+    def _into_bank(self, bank: torch.Tensor | None, anchored: torch.Tensor) -> torch.Tensor:
+        if len(self.anchor_heads) == self.num_kv_heads:
+            return anchored
+        return bank.index_copy(1, self._index("anchor", bank.device), anchored)
+
+    def _all_slots(
+        self,
+        parts: tuple[torch.Tensor | None, torch.Tensor],
+        sink_len: int,
+        tail_start: int,
+        bank: torch.Tensor | None,
+        anchored: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Own states of every slot from the cache's pieces: sinks, then (where the own states
+        were dropped — slots distant for every new query) the bank's, then the window and the new
+        slots; the anchor heads' full states are merged back in head order."""
+        sink, tail = parts
+        pieces = [] if sink is None else [sink]
+        if tail_start > sink_len:
+            pieces.append(self._heads(bank, "own")[:, :, sink_len:tail_start])
+        pieces.append(tail)
+        states = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+        if anchored is not None and len(self.own_heads) != self.num_kv_heads:
+            states = torch.cat([states, anchored], dim=1).index_select(1, self._index("merge", states.device))
+        return states
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        bank: torch.Tensor | None,
+        bank_k: torch.Tensor | None,
+        bank_v: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         info: PodMaskInfo,
         past_key_values: PodCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         b, t, _ = hidden_states.shape
         shape = (b, t, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -515,68 +570,88 @@ class PodLlamaAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        share_values = self.policy == "shared_kv"
 
-        # Keys that serve the block's distant tokens: this layer's own (anchor mode) or shared ones.
-        full_new = None
+        # What serves the block's distant tokens: the anchor's own keys, or its shared keys.
+        anchor_k = anchor_v = None
         if self.anchor_heads:
             if self.mean_mode:
                 shared = self.shared_k_proj(hidden_states).view(shape).transpose(1, 2)
-                full_new = apply_rotary_pos_emb(shared, shared, cos, sin)[1]
+                anchor_k = apply_rotary_pos_emb(shared, shared, cos, sin)[1]
             else:
-                full_new = (
-                    k if self.plain else _take_heads(k, self.anchor_heads, self._index("anchor", k.device))
-                )
+                anchor_k = k if self.plain else self._heads(k, "anchor")
+            if share_values:
+                anchor_v = v if self.plain else self._heads(v, "anchor")
 
+        own_k, own_v = k, v
         if past_key_values is not None:
             if not info.pod_enabled:
                 raise RuntimeError(
                     "pod_disabled() computes the dense model and cannot use a PodCache: pass use_cache=False"
                 )
-            own_new = _take_heads(k, self.own_heads, self._index("own", k.device)) if self.own_heads else None
-            v, full, sink, tail, tail_start = past_key_values.layers[self.layer_idx].append(
-                own_new, v, full_new, past_key_values.sink_slots, past_key_values.n_recent
-            )
-        else:
-            full = full_new
-
-        if full is not None:
-            if len(self.anchor_heads) == self.num_kv_heads:
-                bank = full
+            full_new, prox_new = {}, {}
+            if anchor_k is not None:
+                full_new["k"] = anchor_k
+            if share_values or self.policy == "drop":
+                if anchor_v is not None:
+                    full_new["v"] = anchor_v
+                if self.own_heads:
+                    prox_new["v"] = self._heads(v, "own")
             else:
-                bank = bank.index_copy(1, self._index("anchor", bank.device), full)
+                full_new["v"] = v
+            if self.own_heads:
+                prox_new["k"] = self._heads(k, "own")
+            full, prox, sink_len, tail_start = past_key_values.layers[self.layer_idx].append(
+                full_new, prox_new, t, past_key_values.sink_slots, past_key_values.n_recent
+            )
+            anchor_k = full.get("k")
+            if share_values:
+                anchor_v = full.get("v")
 
-        if past_key_values is None:
-            k_own = k
-        elif not self.own_heads:
-            k_own = full
+        if anchor_k is not None:
+            bank_k = self._into_bank(bank_k, anchor_k)
+        if anchor_v is not None and share_values:
+            bank_v = self._into_bank(bank_v, anchor_v)
+
+        if past_key_values is not None:
+            if self.policy == "drop":  # the compact layout: kept slots only (see PodMaskInfo)
+                own_k, own_v = (torch.cat([p for p in prox[n] if p is not None], dim=2) for n in ("k", "v"))
+            else:
+                own_k = (
+                    anchor_k
+                    if not self.own_heads
+                    else self._all_slots(prox["k"], sink_len, tail_start, bank_k, anchor_k)
+                )
+                if share_values:
+                    own_v = (
+                        anchor_v
+                        if not self.own_heads
+                        else self._all_slots(prox["v"], sink_len, tail_start, bank_v, anchor_v)
+                    )
+                else:
+                    own_v = full["v"]
+
+        if self.plain or not info.pod_enabled:
+            k_dist, v_dist = own_k, None
+        elif self.policy == "drop":
+            k_dist, v_dist = None, None
         else:
-            # Own keys for every slot: sinks, then the bank where the own keys were dropped (those
-            # slots are distant for every new query), then the window and the new slots.
-            n_sink_have = 0 if sink is None else sink.shape[2]
-            parts = [] if sink is None else [sink]
-            if tail_start > n_sink_have:
-                own_bank = _take_heads(bank, self.own_heads, self._index("own", bank.device))
-                parts.append(own_bank[:, :, n_sink_have:tail_start])
-            parts.append(tail)
-            k_own = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-            if full is not None and not self.mean_mode:
-                k_own = torch.cat([k_own, full], dim=1).index_select(1, self._index("merge", k_own.device))
-
-        k_dist = k_own if (self.plain or not info.pod_enabled) else bank
+            k_dist, v_dist = bank_k, (bank_v if share_values else None)
         attention = POD_ATTENTION_IMPLEMENTATIONS[self.config.pod_attn_implementation]
         out = attention(
             q,
-            k_own,
+            own_k,
             k_dist,
-            v,
+            own_v,
             info,
+            v_dist=v_dist,
             n_sink=self.config.n_sink,
             n_recent=self.config.n_recent,
             scaling=self.scaling,
             chunk_size=self.config.pod_chunk_size,
         )
         out = self.o_proj(out.reshape(b, t, -1).contiguous())
-        return out, bank
+        return out, bank_k, bank_v
 
 
 class PodLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -590,19 +665,20 @@ class PodLlamaDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        bank: torch.Tensor | None,
+        bank_k: torch.Tensor | None,
+        bank_v: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         info: PodMaskInfo | None = None,
         past_key_values: PodCache | None = None,
         **kwargs: object,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # `bank` is positional so that checkpointing propagates its gradient to the anchor layer.
-        attn_out, bank = self.self_attn(
-            self.input_layernorm(hidden_states), bank, position_embeddings, info, past_key_values
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        # The banks are positional so that checkpointing propagates their gradients to the anchors.
+        attn_out, bank_k, bank_v = self.self_attn(
+            self.input_layernorm(hidden_states), bank_k, bank_v, position_embeddings, info, past_key_values
         )
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, bank
+        return hidden_states, bank_k, bank_v
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -673,7 +749,13 @@ class PodLlamaModel(PodLlamaPreTrainedModel):
             position_ids = torch.arange(past_len, past_len + length, device=device)[None]
         position_ids = position_ids.to(device).expand(batch, length)
         k_pos = position_ids if past_len == 0 else torch.cat([past_key_values.positions, position_ids], dim=1)
-        info = self._mask_info(position_ids, k_pos, attention_mask)
+        kept = None
+        if past_key_values is not None and past_len and self.config.distant_policy == "drop":
+            # Nothing distant is cached: attention runs over the kept slots only.
+            kept = torch.cat(
+                [past_key_values.layers[0].kept_slots(), torch.arange(past_len, past_len + length)]
+            )
+        info = self._mask_info(position_ids, k_pos, attention_mask, kept)
         if past_key_values is not None:
             if past_len == 0 and info.k_valid is not None:
                 # Left padding: widen the sink region so every row keeps its own sinks.
@@ -683,11 +765,12 @@ class PodLlamaModel(PodLlamaPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        bank = None
+        bank_k = bank_v = None
         for layer in self.layers:
-            hidden_states, bank = layer(
+            hidden_states, bank_k, bank_v = layer(
                 hidden_states,
-                bank,
+                bank_k,
+                bank_v,
                 position_embeddings=position_embeddings,
                 info=info,
                 past_key_values=past_key_values,
@@ -696,7 +779,11 @@ class PodLlamaModel(PodLlamaPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
     def _mask_info(
-        self, q_pos: torch.Tensor, k_pos: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kept: torch.Tensor | None = None,
     ) -> PodMaskInfo:
         k_valid = None
         if attention_mask is not None:
@@ -706,6 +793,11 @@ class PodLlamaModel(PodLlamaPreTrainedModel):
                     f"got {list(attention_mask.shape)}"
                 )
             k_valid = attention_mask.to(torch.bool)
+        if kept is not None:
+            kept = kept.to(k_pos.device)
+            k_pos = k_pos[:, kept]
+            k_valid = None if k_valid is None else k_valid[:, kept]
+        if k_valid is not None:
             if bool(k_valid.all()):
                 k_valid = None
         # A document starts where the position id is 0 (packed sequences restart their positions).

@@ -125,8 +125,9 @@ def _random_attention_inputs(seed=0, b=2, hq=4, h=2, t=48, s=48, d=16, packed=Fa
     return q, k_own, k_dist, v, info
 
 
-def _brute_force(q, k_own, k_dist, v, info, n_sink, n_recent):
-    """Loops over every query and key: the definition of METHOD.md section 2, written out."""
+def _brute_force(q, k_own, k_dist, v, info, n_sink, n_recent, v_dist=None):
+    """Loops over every query and key: the definition of METHOD.md section 2, written out.
+    ``k_dist`` None drops distant keys; ``v_dist`` shares distant values too (the baselines)."""
     b, hq, t, d = q.shape
     h, s = k_own.shape[1], k_own.shape[2]
     out = torch.zeros(b, t, hq, d, dtype=q.dtype)
@@ -142,20 +143,25 @@ def _brute_force(q, k_own, k_dist, v, info, n_sink, n_recent):
                     if info.k_doc is not None and info.k_doc[bi, j] != info.k_doc[bi, slot]:
                         continue
                     prox = info.k_pos[bi, j] < n_sink or info.q_pos[bi, i] - info.k_pos[bi, j] < n_recent
+                    if not prox and k_dist is None:
+                        continue
                     key = k_own[bi, kv, j] if prox else k_dist[bi, kv, j]
                     scores.append(q[bi, head, i] @ key / d**0.5)
-                    vals.append(v[bi, kv, j])
+                    vals.append(v[bi, kv, j] if prox or v_dist is None else v_dist[bi, kv, j])
                 p = torch.softmax(torch.stack(scores), 0)
                 out[bi, i, head] = (p[:, None] * torch.stack(vals)).sum(0)
     return out
 
 
+@pytest.mark.parametrize("policy", ["shared", "shared_kv", "drop"])
 @pytest.mark.parametrize("case", [{}, {"packed": True}, {"padded": True}, {"t": 7, "s": 48}])
-def test_attention_paths_match_the_definition(case):
+def test_attention_paths_match_the_definition(case, policy):
     q, k_own, k_dist, v, info = _random_attention_inputs(**case)
+    v_dist = torch.randn_like(v) if policy == "shared_kv" else None
+    k_dist = None if policy == "drop" else k_dist
     n_sink, n_recent = 3, 9
-    want = _brute_force(q, k_own, k_dist, v, info, n_sink, n_recent)
-    kw = dict(n_sink=n_sink, n_recent=n_recent, scaling=q.shape[-1] ** -0.5)
+    want = _brute_force(q, k_own, k_dist, v, info, n_sink, n_recent, v_dist)
+    kw = dict(n_sink=n_sink, n_recent=n_recent, scaling=q.shape[-1] ** -0.5, v_dist=v_dist)
     for fn, extra in [
         (pod_eager_attention, {}),
         (pod_sdpa_attention, {"chunk_size": 5}),
@@ -164,7 +170,9 @@ def test_attention_paths_match_the_definition(case):
         got = fn(q, k_own, k_dist, v, info, **kw, **extra)
         assert (got - want).abs().max() < 1e-10, fn.__name__
     with torch.no_grad():
-        got = pod_flex_attention(q.float(), k_own.float(), k_dist.float(), v.float(), info, **kw)
+        f32 = [None if x is None else x.float() for x in (q, k_own, k_dist, v, v_dist)]
+        kw["v_dist"] = f32[4]
+        got = pod_flex_attention(*f32[:4], info, **kw)
     assert (got.double() - want).abs().max() < 1e-5
 
 
@@ -209,18 +217,25 @@ def test_packed_documents_equal_separate_documents(llama):
 # ------------------------------------------------------------------------------------- cache
 
 
-@pytest.mark.parametrize("mode", ["anchor", "mean"])
+VARIANTS = [
+    {"shared_key_init": "anchor"},
+    {"shared_key_init": "mean"},
+    {"distant_policy": "shared_kv"},
+    {"distant_policy": "drop"},
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: next(iter(v.values())))
 @pytest.mark.parametrize("seq_len", [3, 10, 40, 96])
-def test_cache_bytes_equal_the_formula(llama, ids, mode, seq_len):
-    model = pod.convert_llama(llama, MIXED, n_sink=4, n_recent=8, shared_key_init=mode)
+def test_cache_bytes_equal_the_formula(llama, ids, variant, seq_len):
+    model = pod.convert_llama(llama, MIXED, n_sink=4, n_recent=8, **variant)
     with torch.no_grad():
         cache = model(ids[:, :seq_len], use_cache=True).past_key_values
     assert cache.nbytes() == pod.kv_cache_bytes(model.config, seq_len, batch_size=2, dtype=torch.float32)
     # Dropped keys are really freed: no stored tensor is a view of a larger buffer.
     for layer in cache.layers:
-        for t in (layer.values, layer.full_keys, layer.sink_keys, layer.window_keys):
-            if t is not None:
-                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        for t in layer.tensors():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def test_cache_bytes_formula_against_dense_and_the_paper_formula(llama):
@@ -234,9 +249,9 @@ def test_cache_bytes_formula_against_dense_and_the_paper_formula(llama):
     assert 1 - got / dense == pytest.approx(MIXED.kv_saving(n, 4, 8), rel=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["anchor", "mean"])
-def test_greedy_generation_with_cache_equals_recomputation(llama, mode):
-    model = pod.convert_llama(llama, MIXED, n_sink=3, n_recent=5, shared_key_init=mode)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: next(iter(v.values())))
+def test_greedy_generation_with_cache_equals_recomputation(llama, variant):
+    model = pod.convert_llama(llama, MIXED, n_sink=3, n_recent=5, **variant)
     prompt = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(7))
     kw = dict(max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
     cached = model.generate(prompt, use_cache=True, **kw)
@@ -245,8 +260,9 @@ def test_greedy_generation_with_cache_equals_recomputation(llama, mode):
     assert torch.equal(cached, uncached)
 
 
-def test_left_padded_batch_equals_each_prompt_alone(llama):
-    model = pod.convert_llama(llama, MIXED, n_sink=3, n_recent=5)
+@pytest.mark.parametrize("policy", ["shared", "drop"])
+def test_left_padded_batch_equals_each_prompt_alone(llama, policy):
+    model = pod.convert_llama(llama, MIXED, n_sink=3, n_recent=5, distant_policy=policy)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in (14, 9, 11)]
     width = max(len(p) for p in prompts)
