@@ -195,6 +195,8 @@ def pod_sdpa_attention(
     plain = k_dist is k_own and v_dist is None
     if plain and info.trivially_causal:
         return _sdpa_gqa_causal(q, k_own, v, scaling).transpose(1, 2)
+    if plain and t == 1 and info.k_valid is None and info.k_doc is None:  # decoding: every key is visible
+        return _sdpa_gqa(q, k_own, v, None, scaling).transpose(1, 2)
     outs = []
     for c0 in range(0, t, chunk_size):
         c1 = min(t, c0 + chunk_size)
@@ -440,6 +442,7 @@ class PodCache(Cache):
         self.n_recent = config.n_recent
         self.positions: torch.Tensor | None = None  # [B, S] position ids of the cached slots
         self.sink_slots = config.n_sink
+        self.packed = False  # filled from rows holding several documents: cannot be continued
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.positions is None else self.positions.shape[1]
@@ -467,6 +470,7 @@ class PodCache(Cache):
         super().reset()
         self.positions = None
         self.sink_slots = self.n_sink
+        self.packed = False
 
 
 # ----------------------------------------------------------------------------------------- layers
@@ -538,17 +542,19 @@ class PodLlamaAttention(nn.Module):
         parts: tuple[torch.Tensor | None, torch.Tensor],
         sink_len: int,
         tail_start: int,
+        fill_end: int,
         bank: torch.Tensor | None,
         anchored: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Own states of every slot from the cache's pieces: sinks, then (where the own states
-        were dropped — slots distant for every new query) the bank's, then the window and the new
-        slots; the anchor heads' full states are merged back in head order."""
+        """States of every slot from the cache's pieces: own sinks, then the bank's (distant)
+        states for slots ``[sink_len, fill_end)`` — distant for every new query, whether or not the
+        cache still has their own states — then own states of the window and the new slots; the
+        anchor heads' full states are merged back in head order."""
         sink, tail = parts
         pieces = [] if sink is None else [sink]
-        if tail_start > sink_len:
-            pieces.append(self._heads(bank, "own")[:, :, sink_len:tail_start])
-        pieces.append(tail)
+        if fill_end > sink_len:
+            pieces.append(self._heads(bank, "own")[:, :, sink_len:fill_end])
+        pieces.append(tail[:, :, fill_end - tail_start :])
         states = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
         if anchored is not None and len(self.own_heads) != self.num_kv_heads:
             states = torch.cat([states, anchored], dim=1).index_select(1, self._index("merge", states.device))
@@ -613,25 +619,31 @@ class PodLlamaAttention(nn.Module):
         if anchor_v is not None and share_values:
             bank_v = self._into_bank(bank_v, anchor_v)
 
+        # One key per slot already: a single unpadded query (decoding) gets, from the cache, own
+        # states exactly where they are proximal and the anchor's elsewhere, so the attention
+        # needs no second key version.
+        preselected = False
         if past_key_values is not None:
             if self.policy == "drop":  # the compact layout: kept slots only (see PodMaskInfo)
                 own_k, own_v = (torch.cat([p for p in prox[n] if p is not None], dim=2) for n in ("k", "v"))
             else:
+                # Slots before the first new query's window are distant for all new queries.
+                fill_end = max(tail_start, info.offset - self.config.n_recent + 1)
+                slots = (sink_len, tail_start, fill_end)
                 own_k = (
-                    anchor_k
-                    if not self.own_heads
-                    else self._all_slots(prox["k"], sink_len, tail_start, bank_k, anchor_k)
+                    anchor_k if not self.own_heads else self._all_slots(prox["k"], *slots, bank_k, anchor_k)
                 )
                 if share_values:
                     own_v = (
                         anchor_v
                         if not self.own_heads
-                        else self._all_slots(prox["v"], sink_len, tail_start, bank_v, anchor_v)
+                        else self._all_slots(prox["v"], *slots, bank_v, anchor_v)
                     )
                 else:
                     own_v = full["v"]
+                preselected = t == 1 and info.k_valid is None
 
-        if self.plain or not info.pod_enabled:
+        if self.plain or not info.pod_enabled or preselected:
             k_dist, v_dist = own_k, None
         elif self.policy == "drop":
             k_dist, v_dist = None, None
@@ -757,6 +769,16 @@ class PodLlamaModel(PodLlamaPreTrainedModel):
             )
         info = self._mask_info(position_ids, k_pos, attention_mask, kept)
         if past_key_values is not None:
+            if past_key_values.packed:
+                raise ValueError(
+                    "this PodCache was filled from packed rows (several documents per row); it keeps "
+                    "only the first document's sinks, so generation cannot continue from it. Continue "
+                    "one document per row, or score packed rows with use_cache=False"
+                )
+            starts = info.k_pos == 0
+            if info.k_valid is not None:
+                starts = starts & info.k_valid
+            past_key_values.packed = bool((starts.sum(1) > 1).any())
             if past_len == 0 and info.k_valid is not None:
                 # Left padding: widen the sink region so every row keeps its own sinks.
                 leading_pad = (info.k_valid.long().cumsum(1) == 0).sum(1).max().item()

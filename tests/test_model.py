@@ -212,6 +212,11 @@ def test_packed_documents_equal_separate_documents(llama):
     out = logits(model, packed, position_ids=positions)
     assert (out[:, :30] - logits(model, a)).abs().max() <= 1e-5
     assert (out[:, 30:] - logits(model, b)).abs().max() <= 1e-5
+    with torch.no_grad():  # a cache prefilled from packed rows gives the same logits ...
+        first = model(packed, position_ids=positions, use_cache=True)
+        assert (first.logits - out).abs().max() <= 1e-5
+        with pytest.raises(ValueError, match="packed rows"):  # ... but refuses to be continued
+            model(packed[:, :1], position_ids=torch.tensor([[25]]), past_key_values=first.past_key_values)
 
 
 # ------------------------------------------------------------------------------------- cache
