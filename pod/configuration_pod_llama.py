@@ -44,7 +44,7 @@ class PodLlamaConfig(LlamaConfig):
     anchors: list | None = None
     shared_key_init: str = "anchor"
     pod_attn_implementation: str = "sdpa"
-    pod_chunk_size: int = 1024
+    pod_chunk_size: int = 512
     distant_policy: str = "shared"
 
     def __post_init__(self, **kwargs):

@@ -180,7 +180,7 @@ def pod_sdpa_attention(
     n_recent: int,
     scaling: float,
     v_dist: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     **_: object,
 ) -> torch.Tensor:
     """The fast path: query chunks, each one ``scaled_dot_product_attention`` call.

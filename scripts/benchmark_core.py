@@ -8,7 +8,9 @@ right before it, with the same weights, inputs and threads.
     python scripts/benchmark_core.py --seq-lens 2048 --repeats 2 --out docs/bench_core.json
     python scripts/benchmark_core.py --preset llama3_8b --device cuda --dtype bfloat16 --seq-lens 32768
 
-Writes a JSON with every measurement when --out is given.
+Writes a JSON with every measurement when --out is given. ``--clock cpu`` times with the process's
+CPU time instead of wall time: on a machine shared with other work, run it with ``--threads 1``
+(CPU time of one thread hardly depends on what else runs; wall time does).
 """
 
 from __future__ import annotations
@@ -54,16 +56,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, device: str, repeats: int) -> tuple[float, object]:
-    """Median wall time of ``repeats`` calls (after one warm-up call) and the last result."""
+    """Median time of ``repeats`` calls (after one warm-up call) and the last result."""
     result = fn()
     times = []
     for _ in range(repeats):
         sync(device)
-        start = time.perf_counter()
+        start = CLOCK()
         result = fn()
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times), result
 
 
@@ -76,11 +81,11 @@ def decode(model, prompt: torch.Tensor, steps: int) -> tuple[float, object]:
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
+        start = CLOCK()
         for _ in range(steps):
             out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - start) / steps, cache
+        return (CLOCK() - start) / steps, cache
 
 
 def train_step(model, ids: torch.Tensor) -> float:
@@ -93,7 +98,9 @@ def train_step(model, ids: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu40m")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--train-seq-lens", type=int, nargs="+", default=[2048, 4096])
@@ -106,10 +113,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     dtype = getattr(torch, args.dtype)
 
     torch.manual_seed(0)
@@ -126,7 +136,7 @@ def main() -> None:
         f"# {args.preset}: {params / 1e6:.1f}M params, {cfg.num_hidden_layers} layers, "
         f"{cfg.num_key_value_heads} KV heads; PoD blocks of {args.block_size}, n_sink={args.n_sink}, "
         f"n_recent={args.n_recent}, attention={args.attn}; {args.device} {args.dtype}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, {args.clock} clock, torch {torch.__version__}"
     )
     rows = []
     header = f"{'seq':>6} | {'metric':<18} | {'dense':>12} | {'PoD':>12} | {'PoD/dense':>9}"
@@ -143,8 +153,8 @@ def main() -> None:
     for seq in args.seq_lens:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen).to(args.device)
         with torch.no_grad():
-            t_dense, _ = timed(lambda: llama(ids, use_cache=True), args.device, args.repeats)
-            t_pod, _ = timed(lambda: model(ids, use_cache=True), args.device, args.repeats)
+            t_dense, _ = timed(lambda ids=ids: llama(ids, use_cache=True), args.device, args.repeats)
+            t_pod, _ = timed(lambda ids=ids: model(ids, use_cache=True), args.device, args.repeats)
         report(seq, "prefill", t_dense, t_pod, "s")
         d_dense, cache_dense = decode(llama, ids, args.decode_steps)
         d_pod, cache_pod = decode(model, ids, args.decode_steps)
@@ -157,13 +167,21 @@ def main() -> None:
         del cache_dense, cache_pod
     for seq in args.train_seq_lens:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen).to(args.device)
-        t_dense, _ = timed(lambda: train_step(llama, ids), args.device, args.repeats)
-        t_pod, _ = timed(lambda: train_step(model, ids), args.device, args.repeats)
+        t_dense, _ = timed(lambda ids=ids: train_step(llama, ids), args.device, args.repeats)
+        t_pod, _ = timed(lambda ids=ids: train_step(model, ids), args.device, args.repeats)
         report(seq, "train step (f+b)", t_dense, t_pod, "s")
-    print(f"KV saving by the formula at {args.seq_lens[-1]}: {spec.kv_saving(args.seq_lens[-1], args.n_sink, args.n_recent):.3f}")
+    print(
+        f"KV saving by the formula at {args.seq_lens[-1]}: {spec.kv_saving(args.seq_lens[-1], args.n_sink, args.n_recent):.3f}"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(vars(args), out=str(args.out), params=params, torch=torch.__version__, machine=platform.processor())
+        meta = dict(
+            vars(args),
+            out=str(args.out),
+            params=params,
+            torch=torch.__version__,
+            machine=platform.processor(),
+        )
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.out}")
 
