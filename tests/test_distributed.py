@@ -1,0 +1,167 @@
+"""Several processes on CPU (torchrun + gloo): DeepSpeed ZeRO-2 / ZeRO-3 over 2 processes train like 1.
+
+Every run is the pipeline's real ``adapt`` stage (``torchrun ... train/run.py stages=[adapt]``) on a
+copy of one small converted PoD model (a module fixture runs base -> analyze -> convert once). The
+global batch is the same everywhere (4 sequences: 1 process x 2 micro x 2 accumulation, or 2
+processes x 2 micro), so the loss curves and the final weights must agree to float tolerance.
+
+Resuming a checkpoint under another number of processes is tested too; it fails today (DeepSpeed
+refuses ZeRO partitions written by another world size, and ``train/adapt.py`` does not convert the
+checkpoint to a universal one), so those cases are strict xfails: they start passing, and must then
+lose their marker, once adapt converts. See docs/scaleout.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHRINK = [
+    "base.steps=30",
+    "base.stdlib_chars=300000",
+    "base.passkey_docs=120",
+    "base.passkey_doc_len=200",
+    "base.vocab_size=1024",
+    "data.seq_len=256",
+    "data.eval_rows=4",
+    "pod.n_recent=60",
+    "analyze.n_sequences=4",
+    "analyze.n_queries=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    "train.max_steps=6",
+    "train.save_steps=3",
+    "train.logging_steps=1",
+    "logging=none",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WANDB_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_"))
+    }
+    # DeepSpeed builds its shm_comm op on first use (~45 s): keep the build across test sessions.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "cache" / "torch_extensions"))
+    return env | {
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _pipeline(nproc: int | None, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``train/run.py`` in one plain process (``nproc=None``) or under ``torchrun --nproc_per_node``."""
+    launcher = [sys.executable]
+    if nproc is not None:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    # All runs of a session share one cache_dir (base model, tokenized corpus) next to their folders.
+    cache = f"cache_dir={run_dir.parent / 'cache'}"
+    command = [*launcher, str(ROOT / "train" / "run.py"), f"run_dir={run_dir}", cache, *SHRINK, *overrides]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+
+
+def _copy(prepared: Path, name: str) -> Path:
+    """A new run folder next to ``prepared`` holding its finished base, analyze and convert stages."""
+    dst = prepared.parent / name
+    for stage in ("base", "analyze", "convert"):
+        shutil.copytree(prepared / stage, dst / stage)
+    return dst
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "logs" / "train_log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted((run_dir / "adapt" / "model").glob("*.safetensors")):
+        tensors.update(load_file(file))
+    assert tensors, f"no weights in {run_dir / 'adapt' / 'model'}"
+    return tensors
+
+
+def _assert_same_training(got: Path, want: Path, steps: range | None = None) -> None:
+    got_losses, want_losses = _losses(got), _losses(want)
+    steps = steps or range(1, 7)
+    assert [got_losses[s] for s in steps] == pytest.approx([want_losses[s] for s in steps], rel=1e-4)
+    got_weights, want_weights = _weights(got), _weights(want)
+    # The tiny model ties lm_head to the embeddings: a plain save leaves the copy out, a DeepSpeed
+    # save (the engine's state dict) writes it. Where written, it must be the embedding.
+    for weights in (got_weights, want_weights):
+        if "lm_head.weight" in weights:
+            torch.testing.assert_close(weights.pop("lm_head.weight"), weights["model.embed_tokens.weight"])
+    assert got_weights.keys() == want_weights.keys()
+    for name, tensor in want_weights.items():
+        torch.testing.assert_close(got_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A converted tiny PoD model (base -> analyze -> convert), made once in one process."""
+    run_dir = tmp_path_factory.mktemp("distributed") / "prepared"
+    _ok(_pipeline(None, run_dir, "stages=[base,analyze,convert]"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared: Path) -> Path:
+    """The reference: 6 adapt steps in one plain process (no DeepSpeed), batch 4 = 2 micro x 2 accum."""
+    run_dir = _copy(prepared, "one_process")
+    _ok(_pipeline(None, run_dir, "stages=[adapt]"))
+    return run_dir
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_processes_train_like_one(zero: str, prepared: Path, one_process: Path) -> None:
+    run_dir = _copy(prepared, zero)
+    result = _pipeline(2, run_dir, "stages=[adapt]", f"deepspeed={zero}")
+    _ok(result)
+    assert "world 2" in (run_dir / "logs" / "pipeline.log").read_text()
+    _assert_same_training(run_dir, one_process)
+
+
+def test_two_processes_resume_from_their_checkpoint(prepared: Path, one_process: Path) -> None:
+    """Stopped after step 3 (as a killed job would be, with its checkpoint), rerun: same weights."""
+    run_dir = _copy(prepared, "resumed")
+    first = _pipeline(2, run_dir, "stages=[adapt]", "deepspeed=zero2", "train.stop_after_steps=3")
+    assert first.returncode != 0 and "stopped after step 3 of 6" in first.stderr, first.stderr[-3000:]
+    assert list((run_dir / "adapt" / "checkpoints" / "checkpoint-3").glob("global_step3/*optim_states.pt"))
+    _ok(_pipeline(2, run_dir, "stages=[adapt]", "deepspeed=zero2"))
+    done = json.loads((run_dir / "adapt" / "DONE").read_text())
+    assert done["outputs"]["resumed_from"].endswith("checkpoint-3")
+    _assert_same_training(run_dir, one_process)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="train/adapt.py resumes a DeepSpeed checkpoint only under the world size that wrote it "
+    "(ZeRORuntimeException: 'used a DP world size of 2 but the current world size is 1'); it needs to "
+    "convert the checkpoint with deepspeed.checkpoint.ds_to_universal and set checkpoint.load_universal",
+)
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_resume_under_another_world_size(first: int, then: int, prepared: Path, one_process: Path) -> None:
+    run_dir = _copy(prepared, f"resumed_{first}_to_{then}")
+    stopped = _pipeline(first, run_dir, "stages=[adapt]", "deepspeed=zero2", "train.stop_after_steps=3")
+    assert "stopped after step 3 of 6" in stopped.stderr, stopped.stderr[-3000:]
+    _ok(_pipeline(then, run_dir, "stages=[adapt]", "deepspeed=zero2"))
+    _assert_same_training(run_dir, one_process)
