@@ -17,6 +17,6 @@ echo "== setting up .venv (first run takes ~2 minutes)"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 # DeepSpeed's C++ ops are built on first use (or not at all on CPU); skip building them at install.
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev]"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev,eval]"
 echo "$want" > "$stamp"
 echo "== .venv ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"
