@@ -94,6 +94,11 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _source_name(source: str) -> str:
+    """A local file by its name (its folder means nothing to a reader of the card), a Hub name as is."""
+    return Path(source).name if Path(source).exists() else source
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -157,7 +162,8 @@ def model_card(cfg: DictConfig, paths: RunPaths, config: Any) -> str:
             f"- {method}, {adapt.get('steps')} steps, {adapt.get('tokens'):,} tokens, sequence length {cfg.data.seq_len}, "
             f"LR {cfg.train.lr} {cfg.train.lr_scheduler}"
             + (f", self-distillation (alpha {cfg.train.distill.alpha})" if cfg.train.distill.enabled else ""),
-            f"- data: {', '.join(map(str, data.get('sources', []))) or '-'} ({data.get('train_rows', '?')} packed rows)",
+            f"- data: {', '.join(_source_name(x) for x in data.get('sources', [])) or '-'} "
+            f"({data.get('train_rows') or 'streamed'} packed rows of {cfg.data.seq_len} tokens)",
             f"- training loss {_num(adapt.get('loss_start'))} -> {_num(adapt.get('loss_end'))} "
             "(mean of the first / last quarter of logged steps)",
             "",
@@ -166,7 +172,7 @@ def model_card(cfg: DictConfig, paths: RunPaths, config: Any) -> str:
             results_table(evaluation),
             "`dense` is the original model, `converted` the PoD model before adaptation, `adapted` this model. "
             "Loss on held-out packed rows; passkey = greedy retrieval of a number hidden in filler text; "
-            "KV bytes from the cache layout (fp precision of the run).",
+            f"KV bytes of the cache layout in {cfg.model.dtype}, batch 1.",
             "",
             "## How to load",
             "",
