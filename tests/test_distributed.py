@@ -5,10 +5,9 @@ copy of one small converted PoD model (a module fixture runs base -> analyze -> 
 global batch is the same everywhere (4 sequences: 1 process x 2 micro x 2 accumulation, or 2
 processes x 2 micro), so the loss curves and the final weights must agree to float tolerance.
 
-Resuming a checkpoint under another number of processes is tested too; it fails today (DeepSpeed
-refuses ZeRO partitions written by another world size, and ``train/adapt.py`` does not convert the
-checkpoint to a universal one), so those cases are strict xfails: they start passing, and must then
-lose their marker, once adapt converts. See docs/scaleout.md.
+A checkpoint written by 2 processes resumes under 1 and the other way round: DeepSpeed refuses ZeRO
+partitions written under another world size, so ``train/adapt.py`` converts such a checkpoint to a
+universal one first (see docs/scaleout.md); the resumed run must end where the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -152,12 +151,6 @@ def test_two_processes_resume_from_their_checkpoint(prepared: Path, one_process:
     _assert_same_training(run_dir, one_process)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/adapt.py resumes a DeepSpeed checkpoint only under the world size that wrote it "
-    "(ZeRORuntimeException: 'used a DP world size of 2 but the current world size is 1'); it needs to "
-    "convert the checkpoint with deepspeed.checkpoint.ds_to_universal and set checkpoint.load_universal",
-)
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_resume_under_another_world_size(first: int, then: int, prepared: Path, one_process: Path) -> None:
     run_dir = _copy(prepared, f"resumed_{first}_to_{then}")

@@ -285,9 +285,16 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path):
     with pytest.raises(StageInterrupted, match="stopped after step 2 of 4"):
         _adapt(resumed, cache, "train.stop_after_steps=2")
     assert not (resumed / "adapt" / "DONE").exists()
-    assert (resumed / "adapt" / "checkpoints" / "checkpoint-2").is_dir()
+    checkpoints = resumed / "adapt" / "checkpoints"
+    assert (checkpoints / "checkpoint-2").is_dir()
+    # A process killed while saving leaves a newer checkpoint without trainer_state.json (written last):
+    # resuming must skip it, not fail on it or load half a state.
+    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-3")
+    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()
     metrics = _adapt(resumed, cache)
     assert metrics["stages"]["adapt"]["resumed_from"].endswith("checkpoint-2")
+    assert not (checkpoints / "checkpoint-3").exists()
+    assert len(list(checkpoints.glob("incomplete-checkpoint-3-*"))) == 1  # set aside, not deleted
     want = load_file(straight / "adapt" / "model" / "model.safetensors")
     got = load_file(resumed / "adapt" / "model" / "model.safetensors")
     assert want.keys() == got.keys()

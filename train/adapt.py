@@ -288,10 +288,13 @@ def run_adapt(cfg: DictConfig, paths: RunPaths) -> dict[str, Any]:
     if cfg.peft.method == "lora":
         model = _lora(model, cfg)
 
+    resume = _last_complete_checkpoint(out / "checkpoints")
     deepspeed = None
     if cfg.deepspeed is not None:
         deepspeed = OmegaConf.to_container(cfg.deepspeed, resolve=True)
         _deepspeed_env(cfg)
+        if resume is not None:
+            _universal_if_resharded(Path(resume), deepspeed)
     report_to: list[str] = []
     images: list[str] = []
     if cfg.logging.wandb:
@@ -346,7 +349,6 @@ def run_adapt(cfg: DictConfig, paths: RunPaths) -> dict[str, Any]:
         distill=cfg.train.distill,
         tokens_per_step=tokens_per_step,
     )
-    resume = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
     log.info(
         "adapt: %d steps x %d tokens (micro %d x accum %d x world %d sequences of %d)%s",
         steps,
@@ -391,6 +393,84 @@ def run_adapt(cfg: DictConfig, paths: RunPaths) -> dict[str, Any]:
         "data": data_summary,
         "plots": [str(out / "loss.png")] if losses else [],
     }
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest ``checkpoint-N`` the Trainer finished writing (its ``trainer_state.json`` is written last).
+
+    A process killed while saving leaves a partial folder; resuming from it would fail or, worse,
+    load half a state. It is skipped (and kept, for a post-mortem) with a warning.
+    """
+    if not folder.is_dir():
+        return None
+    while (last := get_last_checkpoint(str(folder))) is not None:
+        if (Path(last) / "trainer_state.json").is_file():
+            return last
+        log.warning(
+            "adapt: %s is incomplete (no trainer_state.json; the run died while saving): skipping it", last
+        )
+        hidden = Path(last).with_name(f"incomplete-{Path(last).name}-{uuid.uuid4().hex[:6]}")
+        if is_main_process():
+            Path(last).rename(hidden)
+        else:  # rank 0 renames it; wait so that every rank picks the same checkpoint
+            _wait_for(lambda last=last: not Path(last).exists(), f"rank 0 to set {last} aside")
+    return None
+
+
+def _wait_for(condition: Any, what: str, timeout_s: float = 1800.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise PipelineError(f"adapt: gave up after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _universal_if_resharded(checkpoint: Path, deepspeed: dict[str, Any]) -> None:
+    """Let a DeepSpeed checkpoint written by another number of processes resume here.
+
+    ZeRO partitions the optimizer state (and at stage 3 the parameters) by data-parallel rank, and
+    DeepSpeed refuses partitions written under another world size. A *universal* checkpoint does not
+    depend on it: rank 0 converts the checkpoint once (``deepspeed.checkpoint.ds_to_universal``, next
+    to the original, which is kept), and every rank loads it with ``checkpoint.load_universal``.
+    """
+    import subprocess
+
+    tag = (checkpoint / "latest").read_text().strip() if (checkpoint / "latest").is_file() else None
+    if tag is None:
+        return  # not a DeepSpeed checkpoint: the Trainer reads it as is
+    written_by = len(list((checkpoint / tag).glob("*optim_states.pt")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if written_by in (0, world):
+        return
+    done, failed = checkpoint / "latest_universal", checkpoint / "universal_failed.txt"
+    started = time.time()
+    if is_main_process() and not done.is_file():
+        log.info(
+            "adapt: %s was written by %d processes and this run has %d: converting it to a universal checkpoint",
+            checkpoint, written_by, world,
+        )  # fmt: skip
+        failed.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+            "--input_folder", str(checkpoint / tag), "--output_folder", str(checkpoint / f"{tag}_universal"),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not done.is_file():
+            failed.write_text(result.stdout[-5000:] + result.stderr[-5000:])
+            raise PipelineError(
+                f"adapt: converting {checkpoint / tag} (written by {written_by} processes) for {world} processes "
+                f"failed; the output of {' '.join(command[1:4])} is in {failed}. Resume with {written_by} processes, "
+                "or delete the checkpoint to start over"
+            )
+    _wait_for(
+        lambda: done.is_file() or failed.is_file(),
+        f"rank 0 to convert {checkpoint} to a universal checkpoint",
+    )
+    if failed.is_file():
+        raise PipelineError(
+            f"adapt: rank 0 could not convert {checkpoint} to a universal checkpoint: see {failed}"
+        )
+    deepspeed.setdefault("checkpoint", {})["load_universal"] = True
 
 
 def _mean_loss(losses: list[tuple[int, float]]) -> float | None:
