@@ -1,7 +1,7 @@
 """Small-scale replication of the PoD paper's evidence on a CPU, with nothing downloaded.
 
-    .venv/bin/python scripts/replicate.py --quick              # smoke check, ~3-5 min on 2 cores
-    .venv/bin/python scripts/replicate.py --write-docs         # the full run (~1 h), writes docs/
+    .venv/bin/python scripts/replicate.py --quick                         # smoke check, ~15 s
+    .venv/bin/python scripts/replicate.py --threads 1 --write-docs        # the full run (~1 h), writes docs/
 
 Steps (each logged with its time):
 
@@ -66,42 +66,43 @@ class Settings:
     seed: int = 0
     # base model and its pretraining
     base_vocab: int = 2048
-    base_hidden: int = 192
-    base_intermediate: int = 512
-    base_layers: int = 8
+    base_hidden: int = 128
+    base_intermediate: int = 384
+    base_layers: int = 6
     base_heads: int = 4
     base_kv_heads: int = 2
-    base_seq_len: int = 512
-    base_batch: int = 8
-    base_steps: int = 1500
+    base_seq_len: int = 256
+    base_batch: int = 16
+    base_steps: int = 2200
     base_lr: float = 2e-3
     base_warmup: int = 60
-    base_stdlib_chars: int = 6_000_000
-    base_passkey_fraction: float = 0.5  # rows made of passkey documents
-    base_copy_fraction: float = 0.25  # rows made of repeated random token sequences (the rest: stdlib text)
-    base_passkey_lengths: tuple[int, ...] = (64, 128, 192, 256, 320, 384, 448, 500)
-    # PoD
+    base_stdlib_chars: int = 3_000_000
+    base_passkey_fraction: float = 0.45  # rows made of passkey documents
+    base_copy_fraction: float = 0.35  # rows made of repeated random token sequences (the rest: stdlib text)
+    base_passkey_lengths: tuple[int, ...] = (48, 64, 96, 128, 160, 192, 250)
+    # PoD: 32 proximal tokens of 256, the paper's ratio (4K of 32K)
     n_sink: int = 4
-    n_recent: int = 60  # 64 proximal tokens: at 512 tokens, 87.5% of the context is distant
+    n_recent: int = 28
     delta: float = 0.5
     # analysis
     calib_sequences: int = 8
     calib_queries: int = 64
-    proximal_sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+    proximal_sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     # adaptation (PoD) and its dense control
     adapt_steps: int = 200
     adapt_lr: float = 3e-4
     adapt_batch: int = 8
     # PoD + SnapKV: distant slots kept per (block, KV head), observation window
-    snapkv_keep: int = 64
+    snapkv_keep: int = 32
     snapkv_window: int = 16
     # evaluation
     suffix_len: int = 64
-    eval_seq_len: int = 512
+    eval_seq_len: int = 256
     eval_rows: int = 24
-    niah_contexts: tuple[int, ...] = (128, 256, 384, 512)
+    niah_contexts: tuple[int, ...] = (64, 128, 192, 256)
     niah_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     niah_per_cell: int = 4
+    probe_every: int = 200  # pretraining steps between passkey probes (log only; 0: at the end only)
 
     def base_key(self) -> str:
         base = {k: v for k, v in asdict(self).items() if k.startswith("base_") or k == "seed"}
@@ -109,26 +110,29 @@ class Settings:
 
 
 QUICK = dict(
-    base_layers=6,
-    base_hidden=128,
-    base_intermediate=256,
-    base_steps=60,
-    base_batch=4,
-    base_seq_len=256,
+    base_layers=4,
+    base_hidden=64,
+    base_intermediate=128,
+    base_seq_len=128,
+    base_batch=8,
+    base_steps=40,
+    base_warmup=10,
     base_stdlib_chars=600_000,
-    base_passkey_lengths=(64, 128, 192, 250),
-    n_recent=28,
+    base_passkey_lengths=(48, 64, 96, 128),
+    n_recent=12,
     calib_sequences=4,
-    calib_queries=32,
-    proximal_sizes=(8, 16, 32, 64, 256),
-    adapt_steps=10,
-    snapkv_keep=32,
+    calib_queries=16,
+    proximal_sizes=(8, 16, 32, 128),
+    adapt_steps=8,
     adapt_batch=4,
-    eval_seq_len=256,
-    eval_rows=8,
-    niah_contexts=(128, 256),
+    snapkv_keep=16,
+    suffix_len=32,
+    eval_seq_len=128,
+    eval_rows=6,
+    niah_contexts=(64, 128),
     niah_depths=(0.0, 0.5, 1.0),
     niah_per_cell=2,
+    probe_every=20,
 )
 
 
@@ -256,8 +260,14 @@ def train_lm(
     lr: float,
     warmup: int,
     desc: str,
-) -> list[float]:
-    """AdamW (weight decay on matrices), linear warmup then cosine to 10%, gradient clipping at 1."""
+    probe: Any = None,
+    probe_every: int = 0,
+) -> tuple[list[float], list[tuple[int, float]]]:
+    """AdamW (weight decay on matrices), linear warmup then cosine to 10%, gradient clipping at 1.
+
+    ``probe(model) -> float`` (a passkey accuracy) runs every ``probe_every`` steps and at the end;
+    returns the losses and the ``(step, probe)`` curve.
+    """
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -274,9 +284,17 @@ def train_lm(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    losses = []
+    losses: list[float] = []
+    curve: list[tuple[int, float]] = []
+
+    def run_probe(step: int) -> None:
+        model.eval()
+        curve.append((step, probe(model)))
+        model.train()
+        log.info("%s: step %d, loss %.3f, passkey probe %.2f", desc, step, losses[-1], curve[-1][1])
+
     bar = tqdm(range(steps), desc=desc, unit="step")
-    for _ in bar:
+    for step in bar:
         # use_cache=False: the dense Llama isolates packed documents (by position ids) only without a cache.
         loss = model(**sampler.batch(batch), use_cache=False).loss
         loss.backward()
@@ -286,8 +304,27 @@ def train_lm(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if probe is not None and probe_every and (step + 1) % probe_every == 0 and step + 1 < steps:
+            run_probe(step + 1)
+    if probe is not None:
+        run_probe(steps)
     model.eval()
-    return losses
+    return losses, curve
+
+
+def passkey_probe(s: Settings, tokenizer: Any) -> Any:
+    """``probe(model) -> accuracy`` on a small fixed passkey grid (the evaluation's contexts, 3 depths)."""
+    from data.synthetic import needle_grid
+
+    grid = needle_grid(tokenizer, list(s.niah_contexts), [0.1, 0.5, 0.9], 2, seed=s.seed + 99)
+
+    def probe(model: Any) -> float:
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return passkey_grid(model, grid, decode=decode, max_new_tokens=8, batch_size=2, progress=False)[
+            "accuracy"
+        ]
+
+    return probe
 
 
 def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, Any]]:
@@ -320,7 +357,7 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
     )
     model = LlamaForCausalLM(config)
     sampler = RowSampler(s, corpus, seed=s.seed)
-    losses = train_lm(
+    losses, probe_curve = train_lm(
         model,
         sampler,
         steps=s.base_steps,
@@ -328,6 +365,8 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
         lr=s.base_lr,
         warmup=s.base_warmup,
         desc="pretrain",
+        probe=passkey_probe(s, tok),
+        probe_every=s.probe_every,
     )
     seconds = time.perf_counter() - t0
     report = {
@@ -338,6 +377,7 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
         "loss_first": losses[0],
         "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         "losses": losses,
+        "passkey_probe": probe_curve,
     }
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -557,14 +597,14 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
     }
     sampler = RowSampler(s, corpus, seed=s.seed + 1)
     adapted = pod.convert_llama(copy.deepcopy(llama), spec, n_sink=s.n_sink, n_recent=s.n_recent)
-    adapt_losses = train_lm(
+    adapt_losses, _ = train_lm(
         adapted, sampler, steps=s.adapt_steps, batch=s.adapt_batch, lr=s.adapt_lr, warmup=max(1, s.adapt_steps // 10),
         desc="adapt PoD",
     )  # fmt: skip
     models["pod_adapted"] = adapted
     control = copy.deepcopy(llama)
     sampler = RowSampler(s, corpus, seed=s.seed + 1)  # the same rows as the adaptation saw
-    control_losses = train_lm(
+    control_losses, _ = train_lm(
         control, sampler, steps=s.adapt_steps, batch=s.adapt_batch, lr=s.adapt_lr, warmup=max(1, s.adapt_steps // 10),
         desc="dense control",
     )  # fmt: skip

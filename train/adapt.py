@@ -462,11 +462,15 @@ def _universal_if_resharded(checkpoint: Path, deepspeed: dict[str, Any]) -> None
                 f"failed; the output of {' '.join(command[1:4])} is in {failed}. Resume with {written_by} processes, "
                 "or delete the checkpoint to start over"
             )
+
+    def failed_now() -> bool:  # not a failure file left by an earlier attempt
+        return failed.is_file() and failed.stat().st_mtime >= started - 1
+
     _wait_for(
-        lambda: done.is_file() or failed.is_file(),
+        lambda: done.is_file() or failed_now(),
         f"rank 0 to convert {checkpoint} to a universal checkpoint",
     )
-    if failed.is_file():
+    if failed_now():
         raise PipelineError(
             f"adapt: rank 0 could not convert {checkpoint} to a universal checkpoint: see {failed}"
         )
