@@ -1,7 +1,7 @@
 """Small-scale replication of the PoD paper's evidence on a CPU, with nothing downloaded.
 
     .venv/bin/python scripts/replicate.py --quick                         # smoke check, ~15 s
-    .venv/bin/python scripts/replicate.py --threads 1 --write-docs        # the full run (~1 h), writes docs/
+    .venv/bin/python scripts/replicate.py --write-docs                    # the full run (~30 min on 2 cores), writes docs/
 
 Steps (each logged with its time):
 
@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -73,12 +74,13 @@ class Settings:
     base_kv_heads: int = 2
     base_seq_len: int = 256
     base_batch: int = 16
-    base_steps: int = 2200
+    base_steps: int = 3000
     base_lr: float = 2e-3
     base_warmup: int = 60
     base_stdlib_chars: int = 3_000_000
     base_passkey_fraction: float = 0.45  # rows made of passkey documents
     base_copy_fraction: float = 0.35  # rows made of repeated random token sequences (the rest: stdlib text)
+    base_copy_digits: float = 0.5  # share of those sequences drawn from the ten digit tokens only
     base_passkey_lengths: tuple[int, ...] = (48, 64, 96, 128, 160, 192, 250)
     # PoD: 32 proximal tokens of 256, the paper's ratio (4K of 32K)
     n_sink: int = 4
@@ -186,6 +188,8 @@ class RowSampler:
         self.stream = [t for doc in corpus.train_texts for t in doc + [self.tok.eos_token_id]]
         self.cursor = self.rng.randrange(len(self.stream))
         self.bos = self.tok.bos_token_id
+        # Passkeys are digits; the local BPE keeps each digit a token of its own.
+        self.digits = [ids[-1] for ids in _encode(self.tok, [f" {d}" for d in range(10)])]
 
     def _passkey(self, length: int) -> list[int]:
         from data.synthetic import passkey_documents
@@ -204,9 +208,14 @@ class RowSampler:
 
     def _copy(self, rest: int) -> list[int]:
         half = self.rng.randint(4, max(4, min(64, (rest - 1) // 2)))
-        # Ids past the special tokens; random, so only an induction (look back, copy) predicts the repeat.
-        first = 4
-        seq = [self.rng.randrange(first, len(self.tok)) for _ in range(half)]
+        if self.rng.random() < self.s.base_copy_digits:
+            # Digits repeat within a sequence ("66629"), so copying them needs more than "the token
+            # after the previous occurrence of this one": the failure a run without these showed
+            # (answers with the right digits in the wrong order).
+            seq = [self.rng.choice(self.digits) for _ in range(half)]
+        else:
+            # Ids past the special tokens; random, so only an induction (look back, copy) predicts the repeat.
+            seq = [self.rng.randrange(4, len(self.tok)) for _ in range(half)]
         return ([self.bos] + seq + seq)[:rest]
 
     def row(self) -> tuple[list[int], list[int]]:
@@ -466,12 +475,33 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def control_lines(table: list[dict[str, Any]]) -> list[str]:
+    """The adapted models against ``dense+same-steps``: adaptation is more training of a small base
+    model that has not converged, so "vs dense" mixes PoD's cost with the gain of training longer."""
+    rows = {r["model"]: r for r in table}
+    control = rows.get("dense+same-steps")
+    if control is None:
+        return []
+    lines = ["Against the control `dense+same-steps` (the same extra training without PoD):", ""]
+    for name in ("pod_adapted", "pod_adapted+snapkv"):
+        r = rows.get(name)
+        if r is None:
+            continue
+        # +snapkv is scored on the suffix only
+        ppl = "—" if r["ppl"] is None else f"{r['ppl'] / control['ppl'] - 1:+.1%}"
+        lines.append(
+            f"- `{name}`: ppl {ppl}, suffix ppl {r['suffix_ppl'] / control['suffix_ppl'] - 1:+.1%}, "
+            f"passkey {r['passkey'] - control['passkey']:+.2f}, KV saved {_pct(r['kv_saved'])}"
+        )
+    return lines
+
+
 def render_markdown(res: dict[str, Any], img_prefix: str) -> str:
     s = res["settings"]
     base = res["base"]
     lines = [
         f"Command: `{res['command']}` — {res['seconds'] / 60:.1f} min on {res['machine']} "
-        f"(torch {res['torch']}, {res['threads']} threads), {res['date']}.",
+        f"(torch {res['torch']}), {res['date']}.",
         "",
         f"**Base model**: Llama, {s['base_layers']} layers, hidden {s['base_hidden']}, {s['base_heads']} heads / "
         f"{s['base_kv_heads']} KV heads, {base['params'] / 1e6:.2f}M parameters, vocabulary {s['base_vocab']} "
@@ -499,6 +529,8 @@ def render_markdown(res: dict[str, Any], img_prefix: str) -> str:
         "measured from each model's cache after a prefill (and equal the formula).",
         "",
         results_table(res["table"]),
+        "",
+        *control_lines(res["table"]),
         "",
         f"![passkey heatmaps]({img_prefix}results_niah.png)",
         "",
@@ -676,7 +708,7 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
     res = {
         "command": command,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "settings": asdict(s),
@@ -711,11 +743,17 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke check (~3-5 min): tiny model, few steps")
+    parser.add_argument("--quick", action="store_true", help="smoke check (~15 s): tiny model, few steps")
     parser.add_argument("--out", default=None, help="output folder (default runs/replicate[_quick])")
     parser.add_argument("--cache", default=str(ROOT / "cache" / "replicate"), help="pretrained-model cache")
     parser.add_argument(
         "--write-docs", action="store_true", help="write docs/results.md and docs/img/results_*.png"
+    )
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="only re-render results.md (and docs with --write-docs) from a finished run's results.json",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -725,6 +763,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
+    if args.render:
+        source = Path(args.render)
+        if not source.is_file():
+            parser.error(f"--render {source}: no such file (give the results.json of a finished run)")
+        res = json.loads(source.read_text())
+        (source.parent / "results.md").write_text(render_markdown(res, "img/") + "\n")
+        if args.write_docs:
+            write_docs(render_markdown(res, "img/"), source.parent / "img")
+        print(results_table(res["table"]))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Settings(**QUICK) if args.quick else Settings()
