@@ -139,22 +139,32 @@ def test_two_processes_train_like_one(zero: str, prepared: Path, one_process: Pa
     _assert_same_training(run_dir, one_process)
 
 
-def test_two_processes_resume_from_their_checkpoint(prepared: Path, one_process: Path) -> None:
-    """Stopped after step 3 (as a killed job would be, with its checkpoint), rerun: same weights."""
-    run_dir = _copy(prepared, "resumed")
-    first = _pipeline(2, run_dir, "stages=[adapt]", "deepspeed=zero2", "train.stop_after_steps=3")
-    assert first.returncode != 0 and "stopped after step 3 of 6" in first.stderr, first.stderr[-3000:]
-    assert list((run_dir / "adapt" / "checkpoints" / "checkpoint-3").glob("global_step3/*optim_states.pt"))
-    _ok(_pipeline(2, run_dir, "stages=[adapt]", "deepspeed=zero2"))
+@pytest.fixture(scope="module")
+def stopped(prepared: Path) -> dict[int, Path]:
+    """Runs stopped after step 3 of 6 (as a killed job would be, with its checkpoint), by world size."""
+    runs = {}
+    for nproc in (2, 1):
+        run_dir = _copy(prepared, f"stopped_{nproc}")
+        first = _pipeline(nproc, run_dir, "stages=[adapt]", "deepspeed=zero2", "train.stop_after_steps=3")
+        assert first.returncode != 0 and "stopped after step 3 of 6" in first.stderr, first.stderr[-3000:]
+        shards = list(
+            (run_dir / "adapt" / "checkpoints" / "checkpoint-3").glob("global_step3/*optim_states.pt")
+        )
+        assert len(shards) == nproc, shards
+        runs[nproc] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 2), (2, 1), (1, 2)])
+def test_resume_under_the_same_or_another_world_size(
+    first: int, then: int, stopped: dict[int, Path], one_process: Path
+) -> None:
+    """Rerun a stopped run with ``then`` processes: it resumes from checkpoint-3 and ends like one process."""
+    run_dir = stopped[first].with_name(f"resumed_{first}_to_{then}")
+    shutil.copytree(stopped[first], run_dir)
+    _ok(_pipeline(then, run_dir, "stages=[adapt]", "deepspeed=zero2"))
     done = json.loads((run_dir / "adapt" / "DONE").read_text())
     assert done["outputs"]["resumed_from"].endswith("checkpoint-3")
-    _assert_same_training(run_dir, one_process)
-
-
-@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
-def test_resume_under_another_world_size(first: int, then: int, prepared: Path, one_process: Path) -> None:
-    run_dir = _copy(prepared, f"resumed_{first}_to_{then}")
-    stopped = _pipeline(first, run_dir, "stages=[adapt]", "deepspeed=zero2", "train.stop_after_steps=3")
-    assert "stopped after step 3 of 6" in stopped.stderr, stopped.stderr[-3000:]
-    _ok(_pipeline(then, run_dir, "stages=[adapt]", "deepspeed=zero2"))
+    universal = (run_dir / "adapt" / "checkpoints" / "checkpoint-3" / "latest_universal").is_file()
+    assert universal == (first != then)  # converted only when the number of processes changed
     _assert_same_training(run_dir, one_process)
