@@ -12,8 +12,9 @@
 #              checkpoint and ends with the same weights as an uninterrupted run
 #   kill       SIGKILL one rank mid-training: the job fails at once; the resubmission resumes and
 #              ends with the same weights
-#   requeue    USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit): the
-#              job requeues itself, restarts under the same id and resumes
+#   requeue    USR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit): the
+#              workers save a checkpoint at once, the job requeues itself, restarts under the same
+#              id and resumes from that checkpoint
 #   badconfig  a misspelt override fails the job within seconds with its error in the job log
 #
 # Installs slurmctld slurmd slurm-client munge from Debian when missing (root + apt), starts the
@@ -240,7 +241,7 @@ check_interrupt() {
 }
 
 check_requeue() {
-  local ref dir id code step t0=$SECONDS
+  local ref dir id code step saved t0=$SECONDS
   ref=$(reference_run)
   dir=$WORK/runs/requeue
   log "requeue: USR1 to the batch shell after the first checkpoint"
@@ -249,10 +250,18 @@ check_requeue() {
   scancel --batch --signal=USR1 "$id"
   code=$(wait_job "$id" 900)
   [ "$code" = "0:0" ] || fail "requeued job $id ended with exit code $code"
-  grep -q "received USR1: requeueing job $id" "pod-$id.log" || fail "job $id did not log the requeue"
+  grep -q "requeueing job $id (the workers saved a checkpoint and stopped after USR1)" "pod-$id.log" \
+    || fail "job $id did not save on USR1 and requeue"
   grep -q "job $id (restart 1)" "pod-$id.log" || fail "job $id did not restart after the requeue"
+  saved=$(grep -o "appeared: saving checkpoint-[0-9]*" "$dir/logs/pipeline.log" | sed 's/.*checkpoint-//' | head -1)
   step=$(grep -o "resuming from .*checkpoint-[0-9]*" "$dir/logs/pipeline.log" | sed 's/.*checkpoint-//' | tail -1)
   [ -n "$step" ] || fail "the requeued job did not resume from a checkpoint"
+  # USR1 came after checkpoint-3: the workers saved at the step they were in (> 3, off the every-3 schedule
+  # unless it happened to be 6), and the restart resumed there, not from checkpoint-3.
+  if [ -z "$saved" ] || [ "$saved" -le 3 ] || [ "$step" != "$saved" ]; then
+    fail "expected a save on USR1 after step 3 and a resume from it, got saved=${saved:-none} resumed=$step"
+  fi
+  [ ! -e "$REPO/.pod-slurm/stop-$id" ] || fail "the stop file of job $id was not consumed"
   same_weights "$ref/adapt/model" "$dir/adapt/model" || fail "the requeued run's weights differ from the uninterrupted run's"
   log "requeue: ok, restarted as job $id (restart 1), resumed from checkpoint-$step, same weights ($((SECONDS - t0)) s)"
 }

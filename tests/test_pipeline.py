@@ -276,6 +276,7 @@ def _adapt(run_dir: Path, cache: Path, *extra: str) -> dict:
 
 @pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path):
+    """Stopped by train.stop_after_steps, then by the stop file, then killed while saving: same weights."""
     from train.common import StageInterrupted
 
     straight = _copy_run(tiny_run, tmp_path / "straight")
@@ -287,14 +288,21 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_run, tmp_path):
     assert not (resumed / "adapt" / "DONE").exists()
     checkpoints = resumed / "adapt" / "checkpoints"
     assert (checkpoints / "checkpoint-2").is_dir()
+    # The stop file (what the SLURM launcher writes on USR1) saves off the save_steps=2 schedule.
+    stop = resumed / "STOP"
+    stop.touch()
+    with pytest.raises(StageInterrupted, match="saved checkpoint-3 and stopped at step 3 of 4 because"):
+        _adapt(resumed, cache)
+    assert (checkpoints / "checkpoint-3" / "trainer_state.json").is_file()
+    assert not stop.exists()  # consumed, so the next run trains through
     # A process killed while saving leaves a newer checkpoint without trainer_state.json (written last):
     # resuming must skip it, not fail on it or load half a state.
-    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-3")
-    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()
+    shutil.copytree(checkpoints / "checkpoint-3", checkpoints / "checkpoint-4")
+    (checkpoints / "checkpoint-4" / "trainer_state.json").unlink()
     metrics = _adapt(resumed, cache)
-    assert metrics["stages"]["adapt"]["resumed_from"].endswith("checkpoint-2")
-    assert not (checkpoints / "checkpoint-3").exists()
-    assert len(list(checkpoints.glob("incomplete-checkpoint-3-*"))) == 1  # set aside, not deleted
+    assert metrics["stages"]["adapt"]["resumed_from"].endswith("checkpoint-3")
+    assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()  # written again, whole
+    assert len(list(checkpoints.glob("incomplete-checkpoint-4-*"))) == 1  # set aside, not deleted
     want = load_file(straight / "adapt" / "model" / "model.safetensors")
     got = load_file(resumed / "adapt" / "model" / "model.safetensors")
     assert want.keys() == got.keys()

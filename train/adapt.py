@@ -149,6 +149,32 @@ class StopAfterSteps(TrainerCallback):
         return control
 
 
+class StopFile(TrainerCallback):
+    """Save a checkpoint and stop at the end of the step during which ``path`` appeared.
+
+    Every rank looks for the file and the ranks agree through one all-reduce per optimizer step,
+    so all of them save at the same step (a ZeRO checkpoint is written by every rank together)
+    even when a shared file system shows the file to some ranks a step later than to others.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        seen = self.path.exists()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(seen)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            seen = bool(flag.item())
+        if seen:
+            log.info("adapt: %s appeared: saving checkpoint-%d and stopping", self.path, state.global_step)
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class PipelineWandb(TrainerCallback):
     """Adds the resolved pipeline config and the grouping plots to the W&B run the Trainer opened."""
 
@@ -340,6 +366,13 @@ def run_adapt(cfg: DictConfig, paths: RunPaths) -> dict[str, Any]:
         callbacks.append(PipelineWandb(OmegaConf.to_container(cfg, resolve=True), images))
     if cfg.train.stop_after_steps is not None:
         callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
+    stop_file = StopFile(Path(cfg.train.stop_file))
+    if stop_file.path.exists():
+        log.warning(
+            "adapt: %s exists, so adapt will save and stop after its first step; delete it to train through",
+            stop_file.path,
+        )
+    callbacks.append(stop_file)
     trainer = PodTrainer(
         model=model,
         args=args,
@@ -362,12 +395,21 @@ def run_adapt(cfg: DictConfig, paths: RunPaths) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
+    if stop_file.stopped_at is not None and is_main_process():
+        stop_file.path.unlink(missing_ok=True)  # consumed: the run that resumes must not stop at once
     if trainer.state.global_step < steps:
         _finish_wandb()
+        where = f"checkpoints are in {out / 'checkpoints'}"
+        if stop_file.stopped_at is not None:
+            raise StageInterrupted(
+                f"adapt saved checkpoint-{stop_file.stopped_at} and stopped at step {stop_file.stopped_at} of "
+                f"{steps} because {stop_file.path} appeared (it is now deleted); {where}: run the same "
+                "command to resume"
+            )
         raise StageInterrupted(
             f"adapt stopped after step {trainer.state.global_step} of {steps} (train.stop_after_steps="
-            f"{cfg.train.stop_after_steps}); checkpoints are in {out / 'checkpoints'}: run the same command "
-            "without train.stop_after_steps to resume"
+            f"{cfg.train.stop_after_steps}); {where}: run the same command without train.stop_after_steps "
+            "to resume"
         )
 
     trainer.save_model(str(out / "model"))  # collective under ZeRO-3: every rank calls it

@@ -150,6 +150,7 @@ _RUNTIME_ONLY = {
     "base.cache_dir",
     "data.cache_dir",
     "train.stop_after_steps",
+    "train.stop_file",
     "train.save_steps",
     "train.save_total_limit",
     "train.logging_steps",

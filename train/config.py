@@ -143,6 +143,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     dataloader_num_workers: int = 0
     stop_after_steps: int | None = None
+    # Touch this file to make adapt save a checkpoint at the end of the current step and stop
+    # (exit 3); the next run resumes there. The SLURM launcher touches it on USR1.
+    stop_file: str = "${run_dir}/STOP"
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 

@@ -10,6 +10,8 @@
 #                   machines without GPUs; workers per node then come from --ntasks-per-node
 #   NPROC_PER_NODE  workers per node (default: GPUs allocated per node, or tasks per node on cpu)
 #   MAX_RESTARTS    torchrun restarts of all workers after one fails (default 0: fail the job)
+#   POD_SAVE_GRACE  seconds the workers get to save a checkpoint after USR1 before the job is
+#                   requeued anyway (default 240; keep it below the 300 s lead of --signal=B:USR1@300)
 #   POD_REQUEUE_ON_TERM=1  requeue on SIGTERM too (clusters whose preemption cancels instead of
 #                   requeueing); off by default because `scancel` also sends SIGTERM
 # Anything else in the environment (WANDB_*, HF_TOKEN, HF_HOME, ...) reaches every rank: srun
@@ -71,30 +73,48 @@ log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${job_nodes[*]}: $
 log "commit $(git -C "$POD_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown); python train/run.py ${overrides[*]}"
 
 # ------------------------------------------------------------------------- signals, requeue
-# `#SBATCH --signal=B:USR1@120` sends USR1 to this shell 2 minutes before the time limit; Slurm's
-# own preemption with PreemptMode=REQUEUE requeues the job itself (it has --requeue). Requeueing
-# keeps the job id, so the next start finds the same run folder and resumes from its last
-# checkpoint (work since that checkpoint is redone). Bash runs a trap only between commands, so
-# the step runs in the background and this shell waits for it.
+# `#SBATCH --signal=B:USR1@300` sends USR1 to this shell 5 minutes before the time limit. The shell
+# then touches the stop file that train/run.py watches (train.stop_file): at the end of the
+# current optimizer step every worker saves a checkpoint and the step exits (status 3). The shell
+# then requeues the job, which keeps its id, so the next start finds the same run folder and
+# resumes from that checkpoint: nothing is redone. If the workers have not stopped within
+# POD_SAVE_GRACE seconds (a stage before adapt, a slow file system), the job is requeued anyway
+# and resumes from the last complete checkpoint. Slurm's own preemption with PreemptMode=REQUEUE
+# requeues the job itself (it has --requeue) without that save. Bash runs a trap only between
+# commands, so the step runs in the background and this shell polls it.
+STOP_FILE=$POD_ROOT/.pod-slurm/stop-$SLURM_JOB_ID
+mkdir -p "${STOP_FILE%/*}"
+rm -f "$STOP_FILE"  # left by a run of this job that was killed before its workers saw it
+overrides+=("train.stop_file=$STOP_FILE")
+POD_SAVE_GRACE=${POD_SAVE_GRACE:-240}
+[[ "$POD_SAVE_GRACE" =~ ^[0-9]+$ ]] || die "POD_SAVE_GRACE=$POD_SAVE_GRACE is not a number of seconds"
 step_pid=""
 requeued=0
-# shellcheck disable=SC2317  # called by the traps below
+save_deadline=""
+# shellcheck disable=SC2317  # called by the traps and the wait loop below
 requeue() {
-  log "received $1: requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint when it starts again"
+  log "requeueing job $SLURM_JOB_ID ($1); it resumes from the last checkpoint when it starts again"
   if scontrol requeue "$SLURM_JOB_ID"; then requeued=1; else log "scontrol requeue failed (job not requeueable?)"; fi
+}
+# shellcheck disable=SC2317
+on_usr1() {
+  if [ -z "$step_pid" ] || [ -n "$save_deadline" ] || [ "$requeued" = 1 ]; then return; fi
+  touch "$STOP_FILE"
+  save_deadline=$((SECONDS + POD_SAVE_GRACE))
+  log "received USR1: asked the workers to save a checkpoint and stop ($STOP_FILE); requeueing when they exit, at most ${POD_SAVE_GRACE}s from now"
 }
 # shellcheck disable=SC2317
 on_term() {
   if [ "$requeued" = 1 ]; then
     log "received TERM: SLURM is stopping this run of the job to requeue it"
   elif [ "${POD_REQUEUE_ON_TERM:-0}" = 1 ]; then
-    requeue TERM
+    requeue "received TERM"
   else
     log "received TERM: stopping (no requeue; resubmit with RUN_NAME=$RUN_NAME to resume)"
     [ -z "$step_pid" ] || kill -TERM "$step_pid" 2>/dev/null || true
   fi
 }
-trap 'requeue USR1' USR1
+trap on_usr1 USR1
 trap on_term TERM
 
 # One torchrun agent per node (-N nodes -n nodes): with more tasks per node than one, each task
@@ -110,12 +130,24 @@ srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$
   train/run.py "${overrides[@]}" &
 step_pid=$!
 
-# `wait` returns early (status > 128) when a trapped signal arrives; keep waiting for the step.
-status=0
-while true; do
-  wait "$step_pid" && status=0 || status=$?
-  kill -0 "$step_pid" 2>/dev/null || break
+# Poll rather than `wait` on the step: the save deadline must be checked while it runs.
+while kill -0 "$step_pid" 2>/dev/null; do
+  if [ -n "$save_deadline" ] && [ "$requeued" = 0 ] && [ "$SECONDS" -ge "$save_deadline" ]; then
+    requeue "the workers did not stop within ${POD_SAVE_GRACE}s of USR1"
+  fi
+  sleep 1 || true
 done
+wait "$step_pid" && status=0 || status=$?
+if [ -n "$save_deadline" ] && [ "$requeued" = 0 ]; then
+  # Rank 0 deletes the stop file once the checkpoint is saved (torchrun's exit status says nothing).
+  if [ -e "$STOP_FILE" ]; then
+    rm -f "$STOP_FILE"
+    requeue "the step ended with status $status after USR1 without saving on the stop file"
+  else
+    requeue "the workers saved a checkpoint and stopped after USR1"
+  fi
+  exit "$status"
+fi
 if [ "$status" -eq 0 ]; then
   log "done: run folder ${RUN_DIR:-outputs/$RUN_NAME} (relative paths are inside $POD_ROOT)"
 else
