@@ -1,7 +1,7 @@
 """Small-scale replication of the PoD paper's evidence on a CPU, with nothing downloaded.
 
     .venv/bin/python scripts/replicate.py --quick                         # smoke check, ~15 s
-    .venv/bin/python scripts/replicate.py --write-docs                    # the full run (~30 min on 2 cores), writes docs/
+    .venv/bin/python scripts/replicate.py --write-docs                    # the full run (~36 min on 2 cores), writes docs/
 
 Steps (each logged with its time):
 
@@ -15,8 +15,9 @@ Steps (each logged with its time):
 3. **models** (``pod.baselines``): dense; StreamingLLM-style and CLA-style, both with PoD's proximal
    region / blocks (the paper's setting) and fitted to PoD's KV budget; PoD before adaptation; PoD
    after a short adaptation (AdamW, LM loss on the pretraining mix); the adapted PoD with
-   SnapKV-style selection of distant tokens (``pod.baselines.PodSnapKV``); and, as a control, the
-   dense model trained for the same adaptation steps (more training alone can move the numbers).
+   SnapKV-style selection of distant tokens (``pod.baselines.PodSnapKV``); both CLA-style models
+   after the same adaptation; and, as a control, the dense model trained for the same adaptation
+   steps (more training alone can move the numbers).
 4. **evaluation** (``pod.evaluation``): held-out perplexity (overall and per position bucket),
    passkey accuracy per (context length, depth), KV bytes measured from each model's own cache.
 
@@ -483,9 +484,8 @@ def control_lines(table: list[dict[str, Any]]) -> list[str]:
     if control is None:
         return []
     lines = ["Against the control `dense+same-steps` (the same extra training without PoD):", ""]
-    for name in ("pod_adapted", "pod_adapted+snapkv"):
-        r = rows.get(name)
-        if r is None:
+    for name, r in rows.items():
+        if "adapted" not in name:
             continue
         # +snapkv is scored on the suffix only
         ppl = "—" if r["ppl"] is None else f"{r['ppl'] / control['ppl'] - 1:+.1%}"
@@ -499,9 +499,11 @@ def control_lines(table: list[dict[str, Any]]) -> list[str]:
 def render_markdown(res: dict[str, Any], img_prefix: str) -> str:
     s = res["settings"]
     base = res["base"]
+    took = f"{res['seconds'] / 60:.1f} min"
+    if res["timings"]["base"] < 0.5 * base["seconds"]:
+        took += f", the base model from the cache (its pretraining took {base['seconds'] / 60:.1f} min)"
     lines = [
-        f"Command: `{res['command']}` — {res['seconds'] / 60:.1f} min on {res['machine']} "
-        f"(torch {res['torch']}), {res['date']}.",
+        f"Command: `{res['command']}` — {took} on {res['machine']} (torch {res['torch']}), {res['date']}.",
         "",
         f"**Base model**: Llama, {s['base_layers']} layers, hidden {s['base_hidden']}, {s['base_heads']} heads / "
         f"{s['base_kv_heads']} KV heads, {base['params'] / 1e6:.2f}M parameters, vocabulary {s['base_vocab']} "
@@ -518,14 +520,15 @@ def render_markdown(res: dict[str, Any], img_prefix: str) -> str:
         "```",
         "",
         f"Adaptation: {s['adapt_steps']} AdamW steps (lr {s['adapt_lr']:g}, batch {s['adapt_batch']} x "
-        f"{s['base_seq_len']}) on the pretraining mix; `dense+same-steps` is the dense model trained the same "
-        "way (the control: how much of the change is just more training).",
+        f"{s['base_seq_len']}) on the pretraining mix, the same rows for every `*_adapted` model; "
+        "`dense+same-steps` is the dense model trained the same way (the control: how much of the change is "
+        "just more training).",
         "",
         f"Evaluation at {s['eval_seq_len']} tokens: loss on {res['heldout_rows']} held-out stdlib documents "
         f"(one per row); 'suffix ppl' is over the last {s['suffix_len']} tokens of each row (for "
         "`+snapkv`: after its prefix was prefilled and compressed; for the others the same positions of the "
         f"full forward); passkey: {res['niah_samples']} samples, contexts "
-        f"{s['niah_contexts']}, depths {s['niah_depths']}, greedy with each model's own cache. KV bytes are "
+        f"{list(s['niah_contexts'])}, depths {list(s['niah_depths'])}, greedy with each model's own cache. KV bytes are "
         "measured from each model's cache after a prefill (and equal the formula).",
         "",
         results_table(res["table"]),
@@ -627,6 +630,7 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
         f"cla@pod_budget (block {choice['cla'].mean_block_size:.2f})": fitted["cla"],
         "pod": models["pod"],
     }
+    cla_losses: dict[str, list[float]] = {}
     sampler = RowSampler(s, corpus, seed=s.seed + 1)
     adapted = pod.convert_llama(copy.deepcopy(llama), spec, n_sink=s.n_sink, n_recent=s.n_recent)
     adapt_losses, _ = train_lm(
@@ -641,6 +645,22 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
         desc="dense control",
     )  # fmt: skip
     models["pod_adapted+snapkv"] = PodSnapKV(adapted, s.snapkv_keep, window=s.snapkv_window)
+    # CLA adapted the same way: sharing values too is what the paper argues against, and a fair
+    # comparison gives it the same training. Both the paper's setting (PoD's blocks) and PoD's budget.
+    cla_specs = {
+        "cla_adapted": spec,
+        f"cla@pod_budget_adapted (block {choice['cla'].mean_block_size:.2f})": choice["cla"].spec,
+    }
+    for name, cla_spec in cla_specs.items():
+        cla = pod.convert_llama(
+            copy.deepcopy(llama), cla_spec, n_sink=s.n_sink, n_recent=s.n_recent, distant_policy="shared_kv"
+        )
+        sampler = RowSampler(s, corpus, seed=s.seed + 1)  # the same rows as PoD's adaptation
+        cla_losses[name], _ = train_lm(
+            cla, sampler, steps=s.adapt_steps, batch=s.adapt_batch, lr=s.adapt_lr, warmup=max(1, s.adapt_steps // 10),
+            desc=f"adapt {name.split(' ')[0]}",
+        )  # fmt: skip
+        models[name] = cla
     models["dense+same-steps"] = control
     lap("adaptation", t0)
 
@@ -726,6 +746,7 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
         "equal_budget": {k: v.to_dict() for k, v in choice.items()},
         "adapt_losses": adapt_losses,
         "control_losses": control_losses,
+        "cla_adapt_losses": cla_losses,
         "heldout_rows": len(held),
         "niah_samples": len(grid),
         "kv": kv,

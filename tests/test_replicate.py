@@ -19,6 +19,7 @@ MODELS = {
     "pod",
     "pod_adapted",
     "pod_adapted+snapkv",
+    "cla_adapted",
     "dense+same-steps",
 }
 
@@ -36,7 +37,7 @@ def test_quick_replication_runs_and_renders(tmp_path: Path) -> None:
     res = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in res["table"]}
     assert MODELS <= set(rows), sorted(rows)
-    assert len(rows) == len(MODELS) + 2  # plus the two equal-budget baselines
+    assert len(rows) == len(MODELS) + 3  # plus the equal-budget StreamingLLM and CLA, and the latter adapted
     for name, row in rows.items():
         assert row["kv_bytes_measured"] == row["kv_bytes"], name  # the cache holds what the formula says
         assert 0.0 <= row["passkey"] <= 1.0
@@ -47,8 +48,8 @@ def test_quick_replication_runs_and_renders(tmp_path: Path) -> None:
         if "@pod_budget" in name:
             assert 0.95 * budget <= row["kv_bytes"] <= budget, name
     # The adaptation really trained (first vs last losses of a tiny run: noisy, so a loose bound).
-    losses = res["adapt_losses"]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    for losses in [res["adapt_losses"], *res["cla_adapt_losses"].values()]:
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     for png in ("results_niah.png", "results_loss_by_position.png", "results_similarity.png"):
         assert (out / "img" / png).stat().st_size > 1000, png
     cached = list(cache.iterdir())  # the pretrained base model, reused by later runs with its settings
@@ -59,7 +60,7 @@ def test_quick_replication_runs_and_renders(tmp_path: Path) -> None:
     again = subprocess.run([*SCRIPT, "--render", str(out / "results.json")], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     text = (out / "results.md").read_text()
-    assert "| pod_adapted |" in text and "Against the control" in text
+    assert "| pod_adapted |" in text and "Against the control" in text and "- `cla_adapted`:" in text
 
 
 def test_bad_arguments_fail_with_the_reason(tmp_path: Path) -> None:
