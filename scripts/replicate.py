@@ -1,7 +1,7 @@
 """Small-scale replication of the PoD paper's evidence on a CPU, with nothing downloaded.
 
     .venv/bin/python scripts/replicate.py --quick                         # smoke check, ~15 s
-    .venv/bin/python scripts/replicate.py --write-docs                    # the full run (~36 min on 2 cores), writes docs/
+    .venv/bin/python scripts/replicate.py --write-docs                    # the full run (~38 min on 2 cores), writes docs/
 
 Steps (each logged with its time):
 
@@ -15,8 +15,9 @@ Steps (each logged with its time):
 3. **models** (``pod.baselines``): dense; StreamingLLM-style and CLA-style, both with PoD's proximal
    region / blocks (the paper's setting) and fitted to PoD's KV budget; PoD before adaptation; PoD
    after a short adaptation (AdamW, LM loss on the pretraining mix); the adapted PoD with
-   SnapKV-style selection of distant tokens (``pod.baselines.PodSnapKV``); both CLA-style models
-   after the same adaptation; and, as a control, the dense model trained for the same adaptation
+   SnapKV-style selection of distant tokens (``pod.baselines.PodSnapKV``); the paper's CLA (layer
+   pairs share keys and values of every token); the three CLA models after the same adaptation;
+   and, as a control, the dense model trained for the same adaptation
    steps (more training alone can move the numbers).
 4. **evaluation** (``pod.evaluation``): held-out perplexity (overall and per position bucket),
    passkey accuracy per (context length, depth), KV bytes measured from each model's own cache.
@@ -630,6 +631,11 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
         f"cla@pod_budget (block {choice['cla'].mean_block_size:.2f})": fitted["cla"],
         "pod": models["pod"],
     }
+    # The paper's CLA: layer pairs share the keys and values of every token (50% saved). Our window
+    # must hold at least the current token, so that one keeps its own; everything else is shared.
+    pairs = pod.GroupSpec.fixed(s.base_layers, s.base_kv_heads, 2)
+    paper_cla = "cla_pairs_all_tokens"
+    models[paper_cla] = pod.convert_llama(llama, pairs, n_sink=0, n_recent=1, distant_policy="shared_kv")
     cla_losses: dict[str, list[float]] = {}
     sampler = RowSampler(s, corpus, seed=s.seed + 1)
     adapted = pod.convert_llama(copy.deepcopy(llama), spec, n_sink=s.n_sink, n_recent=s.n_recent)
@@ -648,12 +654,17 @@ def run(s: Settings, out: Path, cache_root: Path, command: str) -> dict[str, Any
     # CLA adapted the same way: sharing values too is what the paper argues against, and a fair
     # comparison gives it the same training. Both the paper's setting (PoD's blocks) and PoD's budget.
     cla_specs = {
-        "cla_adapted": spec,
-        f"cla@pod_budget_adapted (block {choice['cla'].mean_block_size:.2f})": choice["cla"].spec,
+        "cla_adapted": (spec, s.n_sink, s.n_recent),
+        f"cla@pod_budget_adapted (block {choice['cla'].mean_block_size:.2f})": (
+            choice["cla"].spec,
+            s.n_sink,
+            s.n_recent,
+        ),
+        f"{paper_cla}_adapted": (pairs, 0, 1),
     }
-    for name, cla_spec in cla_specs.items():
+    for name, (cla_spec, n_sink, n_recent) in cla_specs.items():
         cla = pod.convert_llama(
-            copy.deepcopy(llama), cla_spec, n_sink=s.n_sink, n_recent=s.n_recent, distant_policy="shared_kv"
+            copy.deepcopy(llama), cla_spec, n_sink=n_sink, n_recent=n_recent, distant_policy="shared_kv"
         )
         sampler = RowSampler(s, corpus, seed=s.seed + 1)  # the same rows as PoD's adaptation
         cla_losses[name], _ = train_lm(

@@ -20,6 +20,8 @@ MODELS = {
     "pod_adapted",
     "pod_adapted+snapkv",
     "cla_adapted",
+    "cla_pairs_all_tokens",
+    "cla_pairs_all_tokens_adapted",
     "dense+same-steps",
 }
 
@@ -43,6 +45,8 @@ def test_quick_replication_runs_and_renders(tmp_path: Path) -> None:
         assert 0.0 <= row["passkey"] <= 1.0
     assert rows["dense"]["kv_saved"] == 0.0
     assert rows["streaming_llm"]["kv_saved"] > rows["pod"]["kv_saved"] > 0.0
+    seq = res["settings"]["eval_seq_len"]  # the paper's CLA: layer pairs, all but the current token shared
+    assert rows["cla_pairs_all_tokens"]["kv_saved"] == pytest.approx(0.5 * (seq - 1) / seq)
     budget = rows["pod"]["kv_bytes"]
     for name, row in rows.items():
         if "@pod_budget" in name:
