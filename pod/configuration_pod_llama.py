@@ -35,6 +35,11 @@ class PodLlamaConfig(LlamaConfig):
             baselines that run on the same machinery: ``"shared_kv"`` (CLA-style: distant keys
             *and* values from the anchor) and ``"drop"`` (StreamingLLM-style: distant tokens are
             neither attended nor cached).
+        loss_chunk_size: training only (``model.train()`` and ``labels`` given): the cross-entropy is
+            computed over chunks of this many positions, each chunk's logits recomputed in backward,
+            so the ``[batch, seq, vocab]`` logits never exist at once (Llama-3 at 32K: 39 GiB) and
+            ``logits`` is returned as ``None``. The loss and gradients are those of the standard loss.
+            ``0`` (default): the standard Hugging Face loss on full logits.
     """
 
     model_type = "pod_llama"
@@ -46,6 +51,7 @@ class PodLlamaConfig(LlamaConfig):
     pod_attn_implementation: str = "sdpa"
     pod_chunk_size: int = 512
     distant_policy: str = "shared"
+    loss_chunk_size: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -68,6 +74,10 @@ class PodLlamaConfig(LlamaConfig):
         if self.distant_policy == "shared_kv" and self.shared_key_init != "anchor":
             raise ValueError(
                 "distant_policy='shared_kv' shares the anchor's own keys and values: use shared_key_init='anchor'"
+            )
+        if self.loss_chunk_size < 0:
+            raise ValueError(
+                f"loss_chunk_size must be >= 0 (0: the standard loss), got {self.loss_chunk_size}"
             )
         if self.pod_chunk_size < 1:
             raise ValueError(f"pod_chunk_size must be >= 1, got {self.pod_chunk_size}")

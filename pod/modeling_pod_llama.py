@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
@@ -879,6 +880,10 @@ class PodLlamaForCausalLM(PodLlamaPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state
+        chunk = getattr(self.config, "loss_chunk_size", 0)
+        if chunk and labels is not None and self.training and isinstance(logits_to_keep, int):
+            loss = self._chunked_loss(hidden_states, labels, chunk, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -890,6 +895,38 @@ class PodLlamaForCausalLM(PodLlamaPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def _chunked_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor,
+        chunk: int,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        """The causal-LM loss of ``transformers``' ``ForCausalLMLoss``, ``chunk`` positions at a time.
+
+        Each chunk's logits are made inside a checkpoint, so backward recomputes them instead of
+        keeping them: at most one chunk of logits (and its fp32 copy) is alive.
+        """
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        shift_labels = shift_labels.to(hidden_states.device)
+
+        def chunk_sum(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            logits = self.lm_head(hidden).float()
+            return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+
+        total = hidden_states.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden_states.shape[1], chunk):
+            part = (hidden_states[:, start : start + chunk], shift_labels[:, start : start + chunk])
+            total = total + torch.utils.checkpoint.checkpoint(chunk_sum, *part, use_reentrant=False)
+        if num_items_in_batch is None:
+            return total / (shift_labels != -100).sum()  # the mean, as the standard loss takes it
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
 
 
 PodLlamaConfig.register_for_auto_class()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import pod
@@ -366,3 +370,59 @@ def test_conversion_rejects_non_llama_models_and_missing_paths(tmp_path):
         pod.convert_llama(tmp_path / "mistral", pod.GroupSpec.identity(2, 1), n_sink=1, n_recent=2)
     with pytest.raises(pod.ConversionError, match="not found"):
         pod.convert_llama(tmp_path / "nothing-here", pod.GroupSpec.identity(2, 1), n_sink=1, n_recent=2)
+
+
+# ---------------------------------------------------------------------------------- chunked loss
+
+
+class _LargestLogits(TorchDispatchMode):
+    """Largest number of elements of any tensor with a vocabulary-sized last dimension."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.numel = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[-1] == self.vocab:
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 150])
+def test_chunked_loss_is_the_standard_loss_without_the_full_logits(num_items_in_batch):
+    # A vocabulary no other dimension has; a chunk that does not divide 96 and whose logits (2 x 40
+    # rows) outnumber the rows of the lm_head weight's transpose (64 x 512), also vocabulary-wide.
+    vocab, chunk = 512, 40
+    source = tiny_llama(vocab_size=vocab)
+    ids = torch.randint(3, vocab, (2, 96), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :10] = -100  # masked positions (document starts, padding) are skipped by both
+    labels[1, 50:] = -100
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    runs = {}
+    for size in (0, chunk):
+        model = pod.convert_llama(copy.deepcopy(source), MIXED, n_sink=4, n_recent=8)
+        model.config.loss_chunk_size = size
+        model.train()
+        with _LargestLogits(vocab) as probe:
+            out = model(ids, labels=labels, use_cache=False, **extra)
+            out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        runs[size] = (out, grads, probe.numel)
+    (plain, plain_grads, plain_numel), (chunked, chunked_grads, chunked_numel) = runs[0], runs[chunk]
+    assert torch.allclose(chunked.loss, plain.loss, atol=1e-6, rtol=0)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, atol=1e-6, rtol=1e-5), name
+    assert plain_numel >= 2 * 96 * vocab  # the standard loss holds the whole logits tensor ...
+    assert chunked_numel <= 2 * chunk * vocab  # ... the chunked one one chunk of it, forward and backward
+    assert chunked.logits is None and plain.logits.shape == (2, 96, vocab)
+    model.eval()  # not in training: the standard path, logits returned
+    with torch.no_grad():
+        assert model(ids, labels=labels, use_cache=False).logits.shape == (2, 96, vocab)
+
+
+def test_a_negative_loss_chunk_size_is_refused():
+    with pytest.raises(ValueError, match="loss_chunk_size must be >= 0"):
+        pod.PodLlamaConfig(num_hidden_layers=2, num_key_value_heads=2, loss_chunk_size=-1)

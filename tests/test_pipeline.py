@@ -434,6 +434,7 @@ def test_bad_input_is_one_line_error_exit_2_and_writes_nothing(tiny_run, tmp_pat
         "window": (["pod.n_recent=300"], "is not smaller than the training sequence data.seq_len=256"),
         "empty corpus": (["stages=[adapt]", f"data.sources=[{empty}]"], "empty corpus"),
         "deepspeed batch": (["deepspeed=zero2", "deepspeed.train_batch_size=3"], "train_batch_size"),
+        "loss chunk": (["train.loss_chunk_size=-1"], "train.loss_chunk_size must be >= 0"),
     }
     procs = {}
     for name, (overrides, _) in cases.items():

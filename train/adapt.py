@@ -311,6 +311,13 @@ def run_adapt(cfg: DictConfig, paths: RunPaths) -> dict[str, Any]:
 
     model = _load_pod(converted["model_dir"], torch_dtype(cfg.model.dtype))
     model.config.use_cache = False
+    pod_config = model.config  # shared with the LoRA wrapper's base model
+    pod_config.loss_chunk_size = cfg.train.loss_chunk_size
+    if cfg.train.loss_chunk_size:
+        log.info(
+            "adapt: cross-entropy in chunks of %d positions (train.loss_chunk_size)",
+            cfg.train.loss_chunk_size,
+        )
     if cfg.peft.method == "lora":
         model = _lora(model, cfg)
 
@@ -412,6 +419,7 @@ def run_adapt(cfg: DictConfig, paths: RunPaths) -> dict[str, Any]:
             "to resume"
         )
 
+    pod_config.loss_chunk_size = 0  # a training setting: the saved model computes the standard loss
     trainer.save_model(str(out / "model"))  # collective under ZeRO-3: every rank calls it
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]

@@ -151,6 +151,7 @@ _RUNTIME_ONLY = {
     "data.cache_dir",
     "train.stop_after_steps",
     "train.stop_file",
+    "train.loss_chunk_size",  # the same loss and gradients, computed in pieces
     "train.save_steps",
     "train.save_total_limit",
     "train.logging_steps",

@@ -141,6 +141,9 @@ class TrainConfig:
     logging_steps: int = 10
     bf16: bool = False
     gradient_checkpointing: bool = True
+    # Cross-entropy over chunks of this many positions, each chunk's logits recomputed in backward:
+    # the [batch, seq, vocab] logits never exist at once (Llama-3 at 32K: 39 GiB). 0: the standard loss.
+    loss_chunk_size: int = 0
     dataloader_num_workers: int = 0
     stop_after_steps: int | None = None
     # Touch this file to make adapt save a checkpoint at the end of the current step and stop
@@ -342,6 +345,10 @@ def validate(cfg: DictConfig) -> None:
     ):
         if OmegaConf.select(cfg, key) < 1:
             raise PipelineError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.loss_chunk_size < 0:
+        raise PipelineError(
+            f"train.loss_chunk_size must be >= 0 (0: the standard loss), got {cfg.train.loss_chunk_size}"
+        )
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise PipelineError(f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
     world = world_size()
