@@ -145,29 +145,39 @@ def test_two_processes_train_like_one(
 
 
 @pytest.fixture(scope="module")
-def stopped(prepared: Path) -> dict[int, Path]:
-    """Runs stopped after step 3 of 6 (as a killed job would be, with its checkpoint), by world size."""
-    runs = {}
-    for nproc in (2, 1):
-        run_dir = _copy(prepared, f"stopped_{nproc}")
-        first = _pipeline(nproc, run_dir, "stages=[adapt]", "deepspeed=zero2", "train.stop_after_steps=3")
-        assert first.returncode != 0 and "stopped after step 3 of 6" in first.stderr, first.stderr[-3000:]
-        shards = list(
-            (run_dir / "adapt" / "checkpoints" / "checkpoint-3").glob("global_step3/*optim_states.pt")
-        )
-        assert len(shards) == nproc, shards
-        runs[nproc] = run_dir
-    return runs
+def stopped(prepared: Path):
+    """``stopped(zero, nproc)``: a run stopped after step 3 of 6 (as a killed job would be, with its
+    checkpoint), made once per (ZeRO stage, world size) and shared by the tests that resume it."""
+    runs: dict[tuple[str, int], Path] = {}
+
+    def make(zero: str, nproc: int) -> Path:
+        if (zero, nproc) not in runs:
+            run_dir = _copy(prepared, f"stopped_{zero}_{nproc}")
+            first = _pipeline(
+                nproc, run_dir, "stages=[adapt]", f"deepspeed={zero}", "train.stop_after_steps=3"
+            )
+            assert first.returncode != 0 and "stopped after step 3 of 6" in first.stderr, first.stderr[-3000:]
+            shards = list(
+                (run_dir / "adapt" / "checkpoints" / "checkpoint-3").glob("global_step3/*optim_states.pt")
+            )
+            assert len(shards) == nproc, shards
+            runs[zero, nproc] = run_dir
+        return runs[zero, nproc]
+
+    return make
 
 
-@pytest.mark.parametrize(("first", "then"), [(2, 2), (2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    ("zero", "first", "then"), [("zero2", 2, 2), ("zero2", 2, 1), ("zero2", 1, 2), ("zero3", 2, 1)]
+)
 def test_resume_under_the_same_or_another_world_size(
-    first: int, then: int, stopped: dict[int, Path], one_process: Path
+    zero: str, first: int, then: int, stopped, one_process: Path
 ) -> None:
     """Rerun a stopped run with ``then`` processes: it resumes from checkpoint-3 and ends like one process."""
-    run_dir = stopped[first].with_name(f"resumed_{first}_to_{then}")
-    shutil.copytree(stopped[first], run_dir)
-    _ok(_pipeline(then, run_dir, "stages=[adapt]", "deepspeed=zero2"))
+    source = stopped(zero, first)
+    run_dir = source.with_name(f"resumed_{zero}_{first}_to_{then}")
+    shutil.copytree(source, run_dir)
+    _ok(_pipeline(then, run_dir, "stages=[adapt]", f"deepspeed={zero}"))
     done = json.loads((run_dir / "adapt" / "DONE").read_text())
     assert done["outputs"]["resumed_from"].endswith("checkpoint-3")
     universal = (run_dir / "adapt" / "checkpoints" / "checkpoint-3" / "latest_universal").is_file()
