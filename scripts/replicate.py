@@ -8,7 +8,8 @@ Steps (each logged with its time):
 1. **base**: a small GQA Llama pretrained here on Python stdlib text mixed with passkey documents
    (local BPE tokenizer from ``data.tokenizer``, text from ``data.text_sources``, passkeys from
    ``data.synthetic``), so that it can retrieve a passkey from distant context. Cached in
-   ``--cache/<hash of the settings>/``; later runs reuse it.
+   ``--cache/<hash of the settings>/``; later runs reuse it. Its state is saved every ``save_every``
+   steps (``<hash>.resume.pt``): an interrupted run, run again, resumes there with the same result.
 2. **analysis**: inter-layer attention similarity over distant tokens and the greedy blocks
    (``pod.analyze_similarity`` / ``pod.group_layers``, paper's delta 0.5), and the proximal-importance
    curve (``pod.proximal_importance``).
@@ -107,6 +108,10 @@ class Settings:
     niah_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     niah_per_cell: int = 4
     probe_every: int = 200  # pretraining steps between passkey probes (log only; 0: at the end only)
+    # Pretraining saves its state every `save_every` steps to <cache>/<key>.resume.pt; a run that
+    # was interrupted resumes there. `pretrain_stop_after`: stop after that step (tests the resume).
+    save_every: int = 250
+    pretrain_stop_after: int = 0
 
     def base_key(self) -> str:
         base = {k: v for k, v in asdict(self).items() if k.startswith("base_") or k == "seed"}
@@ -137,6 +142,7 @@ QUICK = dict(
     niah_depths=(0.0, 0.5, 1.0),
     niah_per_cell=2,
     probe_every=20,
+    save_every=10,
 )
 
 
@@ -262,6 +268,10 @@ def heldout_rows(corpus: Corpus, seq_len: int, count: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ training
 
 
+class Interrupted(Exception):
+    """Pretraining stopped on purpose (``pretrain_stop_after``) with its state saved."""
+
+
 def train_lm(
     model: Any,
     sampler: RowSampler,
@@ -273,11 +283,18 @@ def train_lm(
     desc: str,
     probe: Any = None,
     probe_every: int = 0,
+    state_file: Path | None = None,
+    save_every: int = 0,
+    stop_after: int = 0,
 ) -> tuple[list[float], list[tuple[int, float]]]:
     """AdamW (weight decay on matrices), linear warmup then cosine to 10%, gradient clipping at 1.
 
     ``probe(model) -> float`` (a passkey accuracy) runs every ``probe_every`` steps and at the end;
-    returns the losses and the ``(step, probe)`` curve.
+    returns the losses and the ``(step, probe)`` curve. With ``state_file``, everything the rest of
+    the run depends on (weights, optimizer, schedule, the sampler's random state, losses) is saved
+    there every ``save_every`` steps and loaded when the file exists, so an interrupted run goes on
+    with the same rows and ends with the same weights. ``stop_after``: raise :class:`Interrupted`
+    after saving at that step.
     """
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -297,6 +314,30 @@ def train_lm(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
+    start = 0
+    if state_file is not None and state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.rng.setstate(state["rng"])
+        sampler.cursor, start, losses, curve = state["cursor"], state["step"], state["losses"], state["curve"]
+        log.info("%s: resuming at step %d of %d from %s", desc, start, steps, state_file)
+
+    def save_state(step: int) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": sampler.rng.getstate(),
+            "cursor": sampler.cursor,
+            "step": step,
+            "losses": losses,
+            "curve": curve,
+        }
+        tmp = state_file.with_name(state_file.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, state_file)  # a run killed while saving keeps the previous state
 
     def run_probe(step: int) -> None:
         model.eval()
@@ -304,7 +345,7 @@ def train_lm(
         model.train()
         log.info("%s: step %d, loss %.3f, passkey probe %.2f", desc, step, losses[-1], curve[-1][1])
 
-    bar = tqdm(range(steps), desc=desc, unit="step")
+    bar = tqdm(range(start, steps), desc=desc, unit="step", initial=start, total=steps)
     for step in bar:
         # use_cache=False: the dense Llama isolates packed documents (by position ids) only without a cache.
         loss = model(**sampler.batch(batch), use_cache=False).loss
@@ -317,6 +358,13 @@ def train_lm(
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if probe is not None and probe_every and (step + 1) % probe_every == 0 and step + 1 < steps:
             run_probe(step + 1)
+        if state_file is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save_state(step + 1)
+        if stop_after and step + 1 == stop_after:
+            bar.close()
+            raise Interrupted(
+                f"{desc} stopped after step {step + 1} of {steps}; its state is in {state_file}"
+            )
     if probe is not None:
         run_probe(steps)
     model.eval()
@@ -368,6 +416,9 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
     )
     model = LlamaForCausalLM(config)
     sampler = RowSampler(s, corpus, seed=s.seed)
+    state_file = folder.with_name(folder.name + ".resume.pt")
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    resumed_at = torch.load(state_file, weights_only=False)["step"] if state_file.is_file() else 0
     losses, probe_curve = train_lm(
         model,
         sampler,
@@ -378,13 +429,17 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
         desc="pretrain",
         probe=passkey_probe(s, tok),
         probe_every=s.probe_every,
+        state_file=state_file,
+        save_every=s.save_every,
+        stop_after=s.pretrain_stop_after,
     )
     seconds = time.perf_counter() - t0
     report = {
         "params": sum(p.numel() for p in model.parameters()),
         "steps": s.base_steps,
         "tokens": s.base_steps * s.base_batch * s.base_seq_len,
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1),  # of this call: after `resumed_at_step` when it resumed
+        "resumed_at_step": resumed_at,
         "loss_first": losses[0],
         "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         "losses": losses,
@@ -399,6 +454,7 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
     (tmp / "DONE").write_text("ok\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    state_file.unlink(missing_ok=True)
     return model.eval(), corpus, report
 
 
@@ -816,7 +872,11 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, **{key: json.loads(value) if value[:1] in "[{" or value[:1].isdigit() else value})
     out = Path(args.out or ROOT / "runs" / ("replicate_quick" if args.quick else "replicate"))
     command = "python scripts/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    res = run(s, out, Path(args.cache), command.strip())
+    try:
+        res = run(s, out, Path(args.cache), command.strip())
+    except Interrupted as stop:
+        print(f"interrupted: {stop}; run the same command to resume", file=sys.stderr)
+        return 3
     markdown = render_markdown(res, "img/")
     (out / "results.md").write_text(markdown + "\n")
     print(results_table(res["table"]))

@@ -66,6 +66,22 @@ def test_quick_replication_runs_and_renders(tmp_path: Path) -> None:
     text = (out / "results.md").read_text()
     assert "| pod_adapted |" in text and "Against the control" in text and "- `cla_adapted`:" in text
 
+    # Pretraining interrupted after step 20 of 40 (its state saved at step 20) resumes there and
+    # ends with the same losses, to the last bit, as the uninterrupted run above.
+    other = tmp_path / "cache_interrupted"
+    quick = [*SCRIPT, "--quick", "--threads", "1", "--out", str(tmp_path / "out2"), "--cache", str(other)]
+    stopped = subprocess.run([*quick, "--set", "pretrain_stop_after=20"], capture_output=True, text=True)
+    assert stopped.returncode == 3 and "pretrain stopped after step 20 of 40" in stopped.stderr, (
+        stopped.stderr[-2000:]
+    )
+    assert [p.name for p in other.iterdir()] == [f"{cached[0].name}.resume.pt"]
+    resumed = subprocess.run(quick, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "pretrain: resuming at step 20 of 40" in resumed.stderr
+    again = json.loads((tmp_path / "out2" / "results.json").read_text())
+    assert again["base_losses"] == res["base_losses"] and again["base"]["resumed_at_step"] == 20
+    assert [p.name for p in other.iterdir()] == [cached[0].name]  # the state file is gone
+
 
 def test_bad_arguments_fail_with_the_reason(tmp_path: Path) -> None:
     bad = subprocess.run([*SCRIPT, "--set", "no_such_field=1"], capture_output=True, text=True)
