@@ -284,6 +284,7 @@ def train_lm(
     probe: Any = None,
     probe_every: int = 0,
     state_file: Path | None = None,
+    resume: dict[str, Any] | None = None,
     save_every: int = 0,
     stop_after: int = 0,
 ) -> tuple[list[float], list[tuple[int, float]]]:
@@ -292,8 +293,8 @@ def train_lm(
     ``probe(model) -> float`` (a passkey accuracy) runs every ``probe_every`` steps and at the end;
     returns the losses and the ``(step, probe)`` curve. With ``state_file``, everything the rest of
     the run depends on (weights, optimizer, schedule, the sampler's random state, losses) is saved
-    there every ``save_every`` steps and loaded when the file exists, so an interrupted run goes on
-    with the same rows and ends with the same weights. ``stop_after``: raise :class:`Interrupted`
+    there every ``save_every`` steps; ``resume`` (such a saved state) continues from it, so an
+    interrupted run goes on with the same rows and ends with the same weights. ``stop_after``: raise :class:`Interrupted`
     after saving at that step.
     """
     model.train()
@@ -315,13 +316,17 @@ def train_lm(
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
     start = 0
-    if state_file is not None and state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.rng.setstate(state["rng"])
-        sampler.cursor, start, losses, curve = state["cursor"], state["step"], state["losses"], state["curve"]
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        sampler.rng.setstate(resume["rng"])
+        sampler.cursor, start, losses, curve = (
+            resume["cursor"],
+            resume["step"],
+            resume["losses"],
+            resume["curve"],
+        )
         log.info("%s: resuming at step %d of %d from %s", desc, start, steps, state_file)
 
     def save_state(step: int) -> None:
@@ -418,7 +423,7 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
     sampler = RowSampler(s, corpus, seed=s.seed)
     state_file = folder.with_name(folder.name + ".resume.pt")
     state_file.parent.mkdir(parents=True, exist_ok=True)
-    resumed_at = torch.load(state_file, weights_only=False)["step"] if state_file.is_file() else 0
+    resume = torch.load(state_file, weights_only=False) if state_file.is_file() else None
     losses, probe_curve = train_lm(
         model,
         sampler,
@@ -430,6 +435,7 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
         probe=passkey_probe(s, tok),
         probe_every=s.probe_every,
         state_file=state_file,
+        resume=resume,
         save_every=s.save_every,
         stop_after=s.pretrain_stop_after,
     )
@@ -439,7 +445,7 @@ def base_model(s: Settings, cache_root: Path) -> tuple[Any, Corpus, dict[str, An
         "steps": s.base_steps,
         "tokens": s.base_steps * s.base_batch * s.base_seq_len,
         "seconds": round(seconds, 1),  # of this call: after `resumed_at_step` when it resumed
-        "resumed_at_step": resumed_at,
+        "resumed_at_step": resume["step"] if resume else 0,
         "loss_first": losses[0],
         "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         "losses": losses,

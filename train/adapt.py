@@ -35,6 +35,7 @@ from train.common import (
     resolve_device,
     stage,
     torch_dtype,
+    wait_until,
     write_json,
 )
 from train.config import global_batch_tokens, grad_accum_steps, total_steps
@@ -463,16 +464,10 @@ def _last_complete_checkpoint(folder: Path) -> str | None:
         if is_main_process():
             Path(last).rename(hidden)
         else:  # rank 0 renames it; wait so that every rank picks the same checkpoint
-            _wait_for(lambda last=last: not Path(last).exists(), f"rank 0 to set {last} aside")
+            wait_until(
+                lambda last=last: not Path(last).exists(), f"rank 0 to set {last} aside", timeout_s=1800
+            )
     return None
-
-
-def _wait_for(condition: Any, what: str, timeout_s: float = 1800.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise PipelineError(f"adapt: gave up after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.5)
 
 
 def _universal_if_resharded(checkpoint: Path, deepspeed: dict[str, Any]) -> None:
@@ -516,9 +511,10 @@ def _universal_if_resharded(checkpoint: Path, deepspeed: dict[str, Any]) -> None
     def failed_now() -> bool:  # not a failure file left by an earlier attempt
         return failed.is_file() and failed.stat().st_mtime >= started - 1
 
-    _wait_for(
+    wait_until(
         lambda: done.is_file() or failed_now(),
         f"rank 0 to convert {checkpoint} to a universal checkpoint",
+        timeout_s=1800,
     )
     if failed_now():
         raise PipelineError(

@@ -36,6 +36,7 @@ __all__ = [
     "stage",
     "tokenizer_path",
     "torch_dtype",
+    "wait_until",
     "write_json",
 ]
 
@@ -265,11 +266,19 @@ def stage(
     return wrap
 
 
-def _wait_for(paths: RunPaths, name: str, poll_s: float = 5.0) -> dict:
-    """Ranks other than 0 wait for rank 0 to finish a single-process stage."""
-    while (done := read_done(paths, name)) is None:
+def wait_until(condition: Any, what: str, timeout_s: float | None = None, poll_s: float = 0.5) -> None:
+    """Poll ``condition()`` until it is true; :class:`PipelineError` after ``timeout_s`` (None: never)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not condition():
+        if deadline is not None and time.monotonic() > deadline:
+            raise PipelineError(f"gave up after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
-    return done["outputs"]
+
+
+def _wait_for(paths: RunPaths, name: str, poll_s: float = 5.0) -> dict:
+    """Ranks other than 0 wait for rank 0 to finish a single-process stage (as long as it takes)."""
+    wait_until(lambda: read_done(paths, name) is not None, f"rank 0 to finish stage {name}", poll_s=poll_s)
+    return read_done(paths, name)["outputs"]
 
 
 # ------------------------------------------------------------------------------------- environment
